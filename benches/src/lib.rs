@@ -1,0 +1,1 @@
+//! crx-benches (placeholder).

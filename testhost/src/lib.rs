@@ -1,0 +1,1 @@
+//! crx-testhost (placeholder).
