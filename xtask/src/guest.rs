@@ -1,8 +1,92 @@
-//! `cargo xtask guest`: builds the guest kernel and default initrd (placeholder).
+//! `cargo xtask guest`: builds (or takes from the cache) the guest kernel and the default initrd
+//! with `guest-kernel/build.sh` and `guest-kernel/build-initrd.sh`, then installs `vmlinux`,
+//! `bzImage` and `initrd.cpio` into the guest directory (`--dest`, else `$CRX_GUEST_DIR`, else
+//! `/usr/local/share/crx/guest`), where `crx boot` finds its default guest.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Default install directory when neither `--dest` nor `$CRX_GUEST_DIR` is given.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/crx/guest";
 
 #[derive(clap::Args)]
-pub struct GuestArgs {}
+pub struct GuestArgs {
+    /// Install directory (default: $CRX_GUEST_DIR, else /usr/local/share/crx/guest).
+    #[arg(long)]
+    pub dest: Option<PathBuf>,
+    /// Only build (or find in the cache) and print the cached artifacts' paths; install nothing.
+    #[arg(long)]
+    pub no_install: bool,
+}
 
-pub fn run(_args: GuestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub fn run(args: GuestArgs) -> Result<()> {
+    let scripts = repo_root().join("guest-kernel");
+    let kernel_dir = run_script(&scripts.join("build.sh"))?;
+    let initrd_dir = run_script(&scripts.join("build-initrd.sh"))?;
+    let artifacts = [
+        kernel_dir.join("vmlinux"),
+        kernel_dir.join("bzImage"),
+        initrd_dir.join("initrd.cpio"),
+    ];
+    if args.no_install {
+        for a in &artifacts {
+            println!("{}", a.display());
+        }
+        return Ok(());
+    }
+    let dest = args
+        .dest
+        .or_else(|| std::env::var_os("CRX_GUEST_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
+    std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+    for src in &artifacts {
+        let installed = install(src, &dest)?;
+        println!("{}", installed.display());
+    }
+    Ok(())
+}
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Runs a build script (progress on our stderr) and returns the cache directory it prints as
+/// the last line of its stdout.
+fn run_script(script: &Path) -> Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let stdout = String::from_utf8(out.stdout).context("script output is not UTF-8")?;
+    let dir = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .with_context(|| format!("{} printed no output directory", script.display()))?;
+    let dir = PathBuf::from(dir);
+    if !dir.is_dir() {
+        bail!("{} printed {}, not a directory", script.display(), dir.display());
+    }
+    Ok(dir)
+}
+
+/// Copies `src` into `dest_dir` under the same name, atomically (temp file + rename), so a
+/// running `crx boot` never sees a half-written kernel.
+fn install(src: &Path, dest_dir: &Path) -> Result<PathBuf> {
+    let name = src.file_name().context("artifact without a file name")?;
+    let dest = dest_dir.join(name);
+    let tmp = dest_dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    std::fs::copy(src, &tmp)
+        .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;
+    Ok(dest)
 }
