@@ -1,1 +1,33 @@
-fn main() {}
+//! `crx`: the operator's command line for CRX microVMs.
+
+mod boot;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "crx", version, about = "CRX: every pod in its own microVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest kernel straight into its init and wait for it to end.
+    Boot(boot::BootArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let launch = std::time::Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CRX_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match Cli::parse().command {
+        Command::Boot(args) => boot::run(args, launch)?,
+    };
+    std::process::exit(code)
+}

@@ -6,7 +6,7 @@
 //! MSR `0x4b564d11` (the PVM signature) reads `0x4d5650` ("PVM"); standard KVM rejects that MSR.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 
 /// The PVM signature MSR.
 pub const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
@@ -36,6 +36,15 @@ pub fn probe() -> Result<KvmKind, ProbeError> {
     let kvm = Kvm::new().map_err(ProbeError::Open)?;
     let vm = kvm.create_vm().map_err(ProbeError::CreateVm)?;
     let vcpu = vm.create_vcpu(0).map_err(ProbeError::CreateVm)?;
+    Ok(if vcpu_is_pvm(&vcpu) {
+        KvmKind::Pvm
+    } else {
+        KvmKind::Standard
+    })
+}
+
+/// Reads the PVM signature MSR through an existing vCPU (cheap: a VMM checks its own vCPU 0).
+pub fn vcpu_is_pvm(vcpu: &VcpuFd) -> bool {
     let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: MSR_PVM_SIGNATURE,
         ..Default::default()
@@ -43,11 +52,7 @@ pub fn probe() -> Result<KvmKind, ProbeError> {
     .expect("one MSR entry fits a FAM wrapper");
     // Standard KVM refuses an unknown MSR: the call succeeds with 0 entries read, or fails.
     let read = vcpu.get_msrs(&mut msrs).unwrap_or(0);
-    if read == 1 && msrs.as_slice()[0].data == PVM_SIGNATURE {
-        Ok(KvmKind::Pvm)
-    } else {
-        Ok(KvmKind::Standard)
-    }
+    read == 1 && msrs.as_slice()[0].data == PVM_SIGNATURE
 }
 
 #[cfg(test)]

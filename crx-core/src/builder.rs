@@ -1,0 +1,274 @@
+//! Builds a microVM from a [`VmConfig`] and starts it: the one place that knows the order of
+//! KVM setup steps.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::load_cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{
+    boot, cpuid, mptable, CMDLINE_MAX_SIZE, CMDLINE_START, GUEST_STATUS_START, I8042_DATA_PORT,
+    MAX_VCPUS, MMIO_PAGE_SIZE, SERIAL_IRQ, SERIAL_PORT_BASE,
+};
+use crate::devices::legacy::{ConsoleTail, I8042, SerialConsole};
+use crate::devices::pseudo::GuestStatus;
+use crate::vmm::{BootClock, ExitLatch, Vmm};
+use crate::vstate::vcpu::{install_kick_handler, Buses, Vcpu};
+use crate::vstate::{memory, vm::Vm};
+use crate::{CpuTemplate, Error};
+
+/// The command line CRX boots with unless told otherwise: console on COM1 only, reset through
+/// the i8042, reboot at once on panic, no PCI or ACPI probing.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off nomodule \
+     8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check";
+
+/// Where the guest console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// This process's stdout.
+    #[default]
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere (the last 16 KiB are still kept for diagnosis).
+    Discard,
+}
+
+/// Everything needed to boot one microVM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The full kernel command line (init arguments after ` -- `).
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub cpu_template: CpuTemplate,
+    pub console: ConsoleOutput,
+}
+
+impl VmConfig {
+    /// 1 vCPU, 128 MiB, the default command line, console on stdout.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            mem_mib: 128,
+            cpu_template: CpuTemplate::default(),
+            console: ConsoleOutput::default(),
+        }
+    }
+
+    /// Appends init arguments (`-- ARG…`) to the command line, quoting arguments with spaces.
+    pub fn with_init_args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        if !args.is_empty() {
+            self.cmdline.push_str(" --");
+            for arg in args {
+                let arg = arg.as_ref();
+                if arg.contains(char::is_whitespace) {
+                    self.cmdline.push_str(&format!(" \"{arg}\""));
+                } else {
+                    self.cmdline.push(' ');
+                    self.cmdline.push_str(arg);
+                }
+            }
+        }
+        self
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "{} vCPUs requested; CRX supports 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.mem_mib < 16 {
+            return Err(Error::Config(format!(
+                "{} MiB of memory requested; a guest needs at least 16",
+                self.mem_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn console_sink(console: &ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match console {
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::Discard => Box::new(std::io::sink()),
+        ConsoleOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .map_err(Error::Console)?,
+        ),
+    })
+}
+
+/// Builds and starts the VM described by `config`, timing boot from now.
+pub fn start_vm(config: &VmConfig) -> Result<Vmm, Error> {
+    start_vm_at(config, Instant::now())
+}
+
+/// Builds and starts the VM, timing boot from `launch` (e.g. the process start).
+pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
+    config.validate()?;
+    install_kick_handler()?;
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let vm = Vm::new(&kvm)?;
+
+    let guest_memory = memory::create(u64::from(config.mem_mib) << 20)?;
+    vm.register_memory(&guest_memory)?;
+    vm.create_irqchip_and_pit()?;
+
+    // The boot vCPU first: it tells a PVM host apart before any work is wasted.
+    let boot_vcpu = Vcpu::new(vm.fd(), 0)?;
+    if crx_kvm_probe::vcpu_is_pvm(boot_vcpu.fd()) {
+        return Err(Error::PvmHost);
+    }
+
+    let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
+    let cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)?;
+    load_cmdline(&guest_memory, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
+        Error::Boot {
+            step: "write command line",
+            detail: e.to_string(),
+        }
+    })?;
+    let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len();
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| boot::load_initrd(&guest_memory, path, kernel.end))
+        .transpose()?;
+    boot::write_boot_params(&guest_memory, &kernel, cmdline_size, initrd)?;
+    mptable::write(&guest_memory, config.vcpus).map_err(|e| Error::Boot {
+        step: "write MP table",
+        detail: e.to_string(),
+    })?;
+
+    let exit = Arc::new(ExitLatch::default());
+    let clock = Arc::new(BootClock::new(launch));
+    let console_tail = ConsoleTail::default();
+    let buses = Arc::new(attach_devices(
+        &vm,
+        config,
+        &exit,
+        &clock,
+        console_tail.clone(),
+    )?);
+
+    let mut template_cpuid = vm.supported_cpuid().clone();
+    cpuid::apply_template(&mut template_cpuid, config.cpu_template);
+    let mut vcpus = vec![boot_vcpu];
+    for index in 1..config.vcpus {
+        vcpus.push(Vcpu::new(vm.fd(), index)?);
+    }
+    for vcpu in &vcpus {
+        vcpu.configure(&template_cpuid, config.vcpus, &guest_memory, &kernel)?;
+    }
+    tracing::debug!(
+        "booting {} ({:?} entry at {:#x}) with {} vCPUs, {} MiB",
+        config.kernel.display(),
+        kernel.mode,
+        kernel.entry,
+        config.vcpus,
+        config.mem_mib
+    );
+
+    let mut vmm = Vmm {
+        vcpu_threads: Vec::with_capacity(vcpus.len()),
+        exit: exit.clone(),
+        clock: clock.clone(),
+        console_tail,
+        vm,
+        guest_memory,
+    };
+    for vcpu in vcpus {
+        // On a failed spawn, dropping `vmm` stops the threads already started.
+        let handle = vcpu.start(buses.clone(), exit.clone(), clock.clone())?;
+        vmm.vcpu_threads.push(handle);
+    }
+    Ok(vmm)
+}
+
+/// The legacy devices: COM1 (irqfd on IRQ 4), the i8042, the guest status page.
+fn attach_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    exit: &Arc<ExitLatch>,
+    clock: &Arc<BootClock>,
+    console_tail: ConsoleTail,
+) -> Result<Buses, Error> {
+    let bus_err = |e: crate::devices::bus::Overlap| Error::Boot {
+        step: "place devices",
+        detail: e.to_string(),
+    };
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|source| Error::Vm {
+            step: "KVM_IRQFD (serial)",
+            source,
+        })?;
+    let serial = SerialConsole::new(serial_irq, console_sink(&config.console)?, console_tail);
+
+    let mut buses = Buses::default();
+    buses
+        .pio
+        .insert(u64::from(SERIAL_PORT_BASE), 8, Arc::new(Mutex::new(serial)))
+        .map_err(bus_err)?;
+    buses
+        .pio
+        .insert(
+            u64::from(I8042_DATA_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+    buses
+        .mmio
+        .insert(
+            GUEST_STATUS_START,
+            MMIO_PAGE_SIZE,
+            Arc::new(Mutex::new(GuestStatus::new(clock.clone(), exit.clone()))),
+        )
+        .map_err(bus_err)?;
+    Ok(buses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_args_follow_a_double_dash_and_keep_spaces_quoted() {
+        let c = VmConfig::new("/k").with_init_args(&["/bin/sh", "-c", "exit 3"]);
+        assert!(c.cmdline.ends_with(" -- /bin/sh -c \"exit 3\""), "{}", c.cmdline);
+        assert_eq!(VmConfig::new("/k").with_init_args::<&str>(&[]).cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn impossible_shapes_are_refused_before_kvm_is_touched() {
+        let mut c = VmConfig::new("/k");
+        c.vcpus = 0;
+        assert!(matches!(start_vm(&c), Err(Error::Config(_))));
+        c.vcpus = MAX_VCPUS + 1;
+        assert!(matches!(start_vm(&c), Err(Error::Config(_))));
+        c.vcpus = 1;
+        c.mem_mib = 1;
+        assert!(matches!(start_vm(&c), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,282 @@
+//! A running microVM and how it ends: the exit latch the vCPUs and devices report to, the boot
+//! clock, and [`Vmm::wait`], which stops every vCPU thread, joins it and closes every fd.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::Killable;
+
+use crate::devices::legacy::ConsoleTail;
+use crate::vstate::vcpu::kick_signal;
+use crate::vstate::vm::Vm;
+
+/// How a microVM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest's init reported its command's exit status through the exit register.
+    Exited(u32),
+    /// The guest reset the machine (`reboot`: the i8042 reset line, or KVM's reset event).
+    Reset,
+    /// The guest powered the machine off (KVM's shutdown event, or a halted vCPU).
+    PowerOff,
+    /// The guest kernel panicked; the message is the console's panic line.
+    Panic { message: String },
+    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN).
+    TripleFault { vcpu: u8, rip: u64 },
+    /// KVM could not emulate an instruction.
+    EmulationFailure { vcpu: u8, rip: u64 },
+    /// KVM refused to enter the guest.
+    FailedEntry { vcpu: u8, reason: u64 },
+    /// A vCPU met an exit CRX does not handle, or KVM_RUN failed.
+    VcpuError { vcpu: u8, detail: String },
+    /// The host stopped the VM (a timeout or an explicit stop).
+    StoppedByHost,
+}
+
+impl VmExit {
+    /// The exit code a command-line tool reports for this ending.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::Exited(status) => (*status).min(255) as i32,
+            VmExit::Reset | VmExit::PowerOff => 0,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmExit::Exited(status) => write!(f, "guest command exited with status {status}"),
+            VmExit::Reset => f.write_str("guest reset"),
+            VmExit::PowerOff => f.write_str("guest powered off"),
+            VmExit::Panic { message } => write!(f, "guest kernel panic: {message}"),
+            VmExit::TripleFault { vcpu, rip } => {
+                write!(f, "triple fault on vCPU {vcpu} at RIP {rip:#x}")
+            }
+            VmExit::EmulationFailure { vcpu, rip } => {
+                write!(f, "KVM emulation failure on vCPU {vcpu} at RIP {rip:#x}")
+            }
+            VmExit::FailedEntry { vcpu, reason } => {
+                write!(f, "KVM could not enter vCPU {vcpu} (hardware reason {reason:#x})")
+            }
+            VmExit::VcpuError { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
+            VmExit::StoppedByHost => f.write_str("stopped by the host"),
+        }
+    }
+}
+
+/// The first ending reported wins; later ones are ignored.
+#[derive(Default)]
+pub struct ExitLatch {
+    exit: Mutex<Option<VmExit>>,
+    changed: Condvar,
+    requested: AtomicBool,
+}
+
+impl ExitLatch {
+    /// Records how the VM ends, unless an ending is already recorded.
+    pub fn request(&self, exit: VmExit) {
+        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::debug!("VM exit requested: {exit}");
+            *slot = Some(exit);
+            self.requested.store(true, Ordering::SeqCst);
+            self.changed.notify_all();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    pub fn get(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Blocks until an ending is recorded or `timeout` passes; true if one is recorded.
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        while slot.is_none() {
+            match deadline {
+                None => slot = self.changed.wait(slot).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    slot = self
+                        .changed
+                        .wait_timeout(slot, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Times since the VMM's launch instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootTimes {
+    /// Launch → the boot vCPU's first KVM_RUN (the VMM's own setup cost).
+    pub first_instruction: Option<Duration>,
+    /// Launch → the guest's init wrote the boot timer.
+    pub guest_init: Option<Duration>,
+}
+
+/// Records boot milestones against the launch instant.
+pub struct BootClock {
+    launch: Instant,
+    first_instruction: OnceLock<Duration>,
+    guest_init: OnceLock<Duration>,
+}
+
+impl BootClock {
+    pub fn new(launch: Instant) -> Self {
+        BootClock {
+            launch,
+            first_instruction: OnceLock::new(),
+            guest_init: OnceLock::new(),
+        }
+    }
+
+    pub fn mark_first_instruction(&self) {
+        let _ = self.first_instruction.set(self.launch.elapsed());
+    }
+
+    /// Records the guest init's signal; returns the time if this was the first.
+    pub fn mark_guest_init(&self) -> Option<Duration> {
+        let elapsed = self.launch.elapsed();
+        self.guest_init.set(elapsed).ok().map(|_| elapsed)
+    }
+
+    pub fn times(&self) -> BootTimes {
+        BootTimes {
+            first_instruction: self.first_instruction.get().copied(),
+            guest_init: self.guest_init.get().copied(),
+        }
+    }
+}
+
+/// What [`Vmm::wait`] reports.
+#[derive(Clone, Debug)]
+pub struct VmOutcome {
+    pub exit: VmExit,
+    pub times: BootTimes,
+    /// The last console output (up to 16 KiB).
+    pub console_tail: String,
+}
+
+/// The console line a Linux panic starts with.
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
+/// A running microVM. Dropping it without [`Vmm::wait`] stops it too.
+pub struct Vmm {
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) exit: Arc<ExitLatch>,
+    pub(crate) clock: Arc<BootClock>,
+    pub(crate) console_tail: ConsoleTail,
+    // Field order is drop order: the VM fd goes before the memory it maps.
+    pub(crate) vm: Vm,
+    pub(crate) guest_memory: GuestMemoryMmap,
+}
+
+impl Vmm {
+    /// Waits for the guest to end, then tears the VM down.
+    pub fn wait(self) -> VmOutcome {
+        self.exit.wait(None);
+        self.finish()
+    }
+
+    /// Like [`Vmm::wait`], but stops the VM after `timeout` (reported as `StoppedByHost`).
+    pub fn wait_timeout(self, timeout: Duration) -> VmOutcome {
+        if !self.exit.wait(Some(timeout)) {
+            self.exit.request(VmExit::StoppedByHost);
+        }
+        self.finish()
+    }
+
+    /// Asks the VM to stop; [`Vmm::wait`] then returns `StoppedByHost` unless the guest ended first.
+    pub fn stop(&self) {
+        self.exit.request(VmExit::StoppedByHost);
+    }
+
+    /// The guest's RAM (for devices and snapshots).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    fn finish(mut self) -> VmOutcome {
+        self.stop_vcpus();
+        let tail = self.console_tail.text();
+        let mut exit = self.exit.get().unwrap_or(VmExit::StoppedByHost);
+        if exit == VmExit::Reset {
+            if let Some(line) = tail.lines().find(|l| l.contains(PANIC_MARKER)) {
+                let message = line[line.find(PANIC_MARKER).unwrap_or(0)..].trim().to_string();
+                exit = VmExit::Panic { message };
+            }
+        }
+        VmOutcome {
+            exit,
+            times: self.clock.times(),
+            console_tail: tail,
+        }
+    }
+
+    /// Kicks every vCPU thread out of KVM_RUN until it has seen the exit, then joins it.
+    fn stop_vcpus(&mut self) {
+        self.exit.request(VmExit::StoppedByHost);
+        for handle in self.vcpu_threads.drain(..) {
+            while !handle.is_finished() {
+                if let Err(e) = handle.kill(kick_signal()) {
+                    tracing::warn!("kicking a vCPU thread: {e}");
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_exit_wins() {
+        let latch = ExitLatch::default();
+        assert!(!latch.wait(Some(Duration::from_millis(1))));
+        latch.request(VmExit::Exited(3));
+        latch.request(VmExit::Reset);
+        assert_eq!(latch.get(), Some(VmExit::Exited(3)));
+        assert!(latch.wait(None));
+    }
+
+    #[test]
+    fn exit_codes_for_the_command_line() {
+        assert_eq!(VmExit::Exited(7).exit_code(), 7);
+        assert_eq!(VmExit::Exited(300).exit_code(), 255);
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::TripleFault { vcpu: 0, rip: 0 }.exit_code(), 1);
+    }
+}
