@@ -1,1 +1,40 @@
-//! crx-testhost (placeholder).
+//! The KVM test host: runs CRX's VM tests where this machine's own KVM cannot run stock guests.
+//!
+//! This project's machines expose PVM behind `/dev/kvm`, where a stock guest kernel never
+//! reaches init. The test host is an L1 Linux (a Debian kernel with `kvm_amd`) in QEMU's software
+//! emulation of an AMD CPU with SVM and nested paging: it has a real, standard `/dev/kvm`.
+//!
+//! - **Built from Debian packages**, cached by hash of its inputs in
+//!   `${CRX_CACHE_DIR:-$HOME/.cache/crx}/testhost/<hash>/` (`assets/build-l1.sh`).
+//! - **Same filesystem, same paths**: the L1's root is this machine's root (9p, read-only, under a
+//!   throw-away tmpfs overlay), with `/tmp`, the workspace, the target dir and the CRX cache
+//!   mounted writable and shared (9p) at their own paths.
+//! - **One L1 per test run**: the first [`TestHost::shared`] boots it (under a lock in the run dir
+//!   `<target>/testhost/`), later ones — in any process — reuse it. Its agent runs one command per
+//!   TCP connection (QEMU forwards a localhost port); the L1 powers off after
+//!   `CRX_TESTHOST_IDLE_SECS` (600) without a request. A hung L1 is dumped, killed, restarted and
+//!   the command retried once.
+//! - **VM tests** call [`vm_test_here!`] (or [`run_vm_test_here`]) first: on standard KVM the body
+//!   runs here, otherwise the same test runs in the test host.
+//!
+//! Settings come from the environment: see [`settings`](crate::settings).
+
+mod agent_binary;
+mod assets;
+mod client;
+mod error;
+mod host;
+mod invocation;
+mod lifecycle;
+pub mod protocol;
+mod qemu;
+mod run_lock;
+pub mod settings;
+mod vm_test;
+
+pub use client::Stream;
+pub use error::Error;
+pub use host::TestHost;
+pub use lifecycle::RunningHost;
+pub use invocation::Invocation;
+pub use vm_test::{guests_run_here, run_vm_test_here, test_name_of_marker, IN_TESTHOST};

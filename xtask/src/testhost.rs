@@ -1,12 +1,64 @@
-//! `cargo xtask testhost -- CMD…`: runs CMD in the KVM test host (placeholder).
+//! `cargo xtask testhost [--stop] [-- CMD…]`: runs CMD in the KVM test host (see crx-testhost),
+//! in the same working directory and with this environment, passing its output and exit code
+//! through. Without CMD it shows the running test host; `--stop` powers it off.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+
+use anyhow::Context;
+use crx_testhost::{Invocation, TestHost};
 
 #[derive(clap::Args)]
 pub struct TesthostArgs {
+    /// Power off this workspace's running test host.
+    #[arg(long, conflicts_with = "command")]
+    pub stop: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub command: Vec<String>,
+    pub command: Vec<OsString>,
 }
 
-pub fn run(_args: TesthostArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crx_testhost=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.stop {
+        let stopped = TestHost::stop().context("stopping the test host")?;
+        eprintln!("{}", if stopped { "test host stopped" } else { "no test host was running" });
+        return Ok(());
+    }
+    if args.command.is_empty() {
+        return show_status();
+    }
+    let host = TestHost::shared().context("starting the test host")?;
+    let invocation = Invocation::new(args.command).envs(std::env::vars_os());
+    let status = host.run_streaming(&invocation)?;
+    // Like a shell: 128 + the signal for a command killed by one.
+    let code = status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1);
+    std::process::exit(code);
+}
+
+fn show_status() -> anyhow::Result<()> {
+    let Some(host) = TestHost::running().context("checking the test host")? else {
+        println!("no test host running (the first `cargo xtask testhost -- CMD` or VM test starts one)");
+        return Ok(());
+    };
+    println!("test host: QEMU pid {}, agent at 127.0.0.1:{}", host.qemu_pid, host.port);
+    println!("run dir:   {}", host.run_dir.display());
+    match host.status {
+        Ok(status) => {
+            println!("L1 kernel: {}", status.kernel);
+            println!("/dev/kvm:  {}", status.kvm.as_deref().unwrap_or("not probed"));
+            println!(
+                "agent up {:.0} s, {} command(s) running, powers off after {} s idle",
+                status.uptime_secs, status.active_commands, status.idle_shutdown_secs
+            );
+        }
+        Err(e) => println!("agent does not answer: {e}"),
+    }
+    Ok(())
 }
