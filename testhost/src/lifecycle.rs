@@ -18,7 +18,7 @@ use crate::settings::Settings;
 use crate::assets::{self, Assets};
 use crate::{agent_binary, client};
 
-/// How long a running L1's agent gets to answer a health check.
+/// How long a running L1's agent gets to answer a health check (at most the hang timeout).
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Modules the L1 loads with modprobe once its root is up, if the kernel has them: tap devices,
 /// vhost, vsock and CNI bridges for the VMMs under test.
@@ -37,14 +37,14 @@ pub fn ensure(settings: &Settings, _lock: &RunLock) -> Result<Instance, Error> {
     let run_dir = &settings.run_dir;
     if let Some(instance) = read_state(run_dir)? {
         if qemu::is_running(instance.pid, run_dir) {
-            match client::ping(instance.port, false, HEALTH_TIMEOUT) {
+            match client::ping(instance.port, false, health_timeout(settings)) {
                 Ok(status) if status.protocol == PROTOCOL_VERSION => return Ok(instance),
                 Ok(status) => {
                     tracing::info!(
                         "the running test host speaks protocol {} (this library: {PROTOCOL_VERSION}); replacing it",
                         status.protocol
                     );
-                    stop_instance(instance, run_dir);
+                    stop_instance(instance, settings);
                 }
                 Err(e) => {
                     let dump = qemu::dump_hung(run_dir);
@@ -83,7 +83,7 @@ pub fn running(settings: &Settings, _lock: &RunLock) -> Result<Option<RunningHos
         qemu_pid: instance.pid,
         port: instance.port,
         run_dir: settings.run_dir.clone(),
-        status: client::ping(instance.port, true, HEALTH_TIMEOUT),
+        status: client::ping(instance.port, true, health_timeout(settings)),
     }))
 }
 
@@ -95,7 +95,7 @@ pub fn stop(settings: &Settings, _lock: &RunLock) -> Result<bool, Error> {
     };
     let was_running = qemu::is_running(instance.pid, run_dir);
     if was_running {
-        stop_instance(instance, run_dir);
+        stop_instance(instance, settings);
     }
     let state = run_dir.join(STATE);
     std::fs::remove_file(&state).map_err(Error::io("cannot remove", &state))?;
@@ -103,8 +103,9 @@ pub fn stop(settings: &Settings, _lock: &RunLock) -> Result<bool, Error> {
 }
 
 /// Asks the agent to power off; kills QEMU if that does not work within 30 s.
-fn stop_instance(instance: Instance, run_dir: &Path) {
-    match client::shutdown(instance.port, HEALTH_TIMEOUT) {
+fn stop_instance(instance: Instance, settings: &Settings) {
+    let run_dir = &settings.run_dir;
+    match client::shutdown(instance.port, health_timeout(settings)) {
         Ok(()) if qemu::wait_gone(instance.pid, run_dir, Duration::from_secs(30)) => {}
         Ok(()) => {
             tracing::warn!(pid = instance.pid, "the test host did not power off in 30 s; killing it");
@@ -115,6 +116,10 @@ fn stop_instance(instance: Instance, run_dir: &Path) {
             qemu::kill(instance.pid, run_dir);
         }
     }
+}
+
+fn health_timeout(settings: &Settings) -> Duration {
+    HEALTH_TIMEOUT.min(settings.hang_timeout)
 }
 
 /// Builds what is missing and boots an L1; a boot that fails or times out is retried once.

@@ -3,7 +3,8 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `CRX_CACHE_DIR` | `$HOME/.cache/crx` | boot assets go to `<it>/testhost/<hash>/` |
-//! | `CARGO_TARGET_DIR` | `<workspace>/target` | the run dir is `<it>/testhost/` |
+//! | `CARGO_TARGET_DIR` | `<workspace>/target` | the run dir is `<it>/testhost/`; relative: to the workspace |
+//! | `CRX_TESTHOST_RUN_DIR` | `<target>/testhost` | the run dir: one L1 per run dir |
 //! | `CRX_TESTHOST_MEM_MIB` | 6144 | L1 RAM |
 //! | `CRX_TESTHOST_CPUS` | 2 | L1 vCPUs |
 //! | `CRX_TESTHOST_IDLE_SECS` | 600 | the L1 powers off after this long without a request |
@@ -70,7 +71,8 @@ impl Settings {
             writable_paths.extend(std::env::split_paths(&extra).filter(|p| !p.as_os_str().is_empty()));
         }
         let settings = Settings {
-            run_dir: target_dir.join("testhost"),
+            run_dir: std::env::var_os("CRX_TESTHOST_RUN_DIR")
+                .map_or_else(|| target_dir.join("testhost"), PathBuf::from),
             assets_cache: cache_dir.join("testhost"),
             workspace_root,
             target_dir,
@@ -87,7 +89,7 @@ impl Settings {
         for path in &settings.writable_paths {
             check_share_path("CRX_TESTHOST_RW", path)?;
         }
-        check_share_path("CARGO_TARGET_DIR", &settings.run_dir)?;
+        check_share_path("CRX_TESTHOST_RUN_DIR", &settings.run_dir)?;
         check_share_path("CRX_CACHE_DIR", &settings.assets_cache)?;
         Ok(settings)
     }
