@@ -17,6 +17,9 @@ mod command;
 mod hw;
 mod setup;
 
+/// Environment variable (set from the kernel command line) that makes init print the status.
+const VERBOSE_ENV: &str = "crx_init_verbose";
+
 fn main() {
     // 1. Boot timer, before anything else that could take time.
     setup::ensure_devtmpfs();
@@ -33,6 +36,9 @@ fn main() {
     }
     setup::mount_filesystems();
     setup::set_path();
+    let verbose = std::env::var_os(VERBOSE_ENV).is_some_and(|v| v == "1");
+    // Not passed on to the command. (Single-threaded: changing the environment is sound.)
+    std::env::remove_var(VERBOSE_ENV);
 
     // 3. The command.
     let status = match command::Invocation::from_args(std::env::args_os().skip(1)) {
@@ -43,7 +49,11 @@ fn main() {
         Some(invocation) => command::run(&invocation),
     };
 
-    // 4. Report and power off.
+    // 4. Report and power off. `crx_init_verbose=1` on the kernel command line (a `name=value`
+    // word the kernel does not know ends up in init's environment) also prints the status.
+    if verbose {
+        eprintln!("crx-init: exit status {status}");
+    }
     if let Some(page) = &page {
         page.write_u32(hw::EXIT_REGISTER_OFFSET, status);
     }
