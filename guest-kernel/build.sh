@@ -14,9 +14,9 @@
 #                     the Debian package version + fragments + patches + this script)
 #   src/<srchash>/    the unpacked (and patched) source tree, shared by builds of the same
 #                     package version and patch set
-#   obj/<objhash>/    the out-of-tree (O=) object directory, kept for incremental rebuilds;
-#                     keyed like <hash> but without this script, so editing the script does not
-#                     recompile the kernel from scratch
+#   obj/<srchash>/    the out-of-tree (O=) object directory of that source tree, reused by
+#                     every build from it (kbuild rebuilds what a config change affects), so a
+#                     fragment or script edit does not recompile the kernel from scratch
 # Only the result directory's path goes to stdout (last line); progress goes to stderr.
 # Environment: CRX_CACHE_DIR, CRX_KERNEL_TARBALL (default /usr/src/linux-source-6.12.tar.xz),
 # CRX_JOBS (default nproc).
@@ -60,7 +60,6 @@ src_inputs="$(
     hash_files ${patches[@]+"${patches[@]}"}
 )"
 srchash="$(printf '%s\n' "$src_inputs" | sha256sum | cut -d' ' -f1)"
-objhash="$(printf '%s\n' "$src_inputs" "$(hash_files "${fragments[@]}")" | sha256sum | cut -d' ' -f1)"
 
 out="$cache/$hash"
 is_done() { [[ -f "$out/.done" && -f "$out/vmlinux" && -f "$out/bzImage" ]]; }
@@ -95,7 +94,7 @@ if [[ ! -f "$src/.crx-src-ready" ]]; then
 fi
 
 # --- configuration ------------------------------------------------------------------------
-obj="$cache/obj/$objhash"
+obj="$cache/obj/$srchash"
 mkdir -p "$obj"
 kmake() {
     make -C "$src" O="$obj" ARCH=x86_64 KBUILD_BUILD_USER=crx KBUILD_BUILD_HOST=crx "$@"
