@@ -1,5 +1,6 @@
 //! Finds the `crx-testhost-agent` binary the L1 runs: a prebuilt one named by
-//! `CRX_TESTHOST_AGENT`, else this workspace's release build, brought up to date with cargo.
+//! `CRX_TESTHOST_AGENT`, else a release build brought up to date with cargo in its own target dir
+//! (`<target>/testhost-agent`), so it never waits for the workspace's other builds.
 //!
 //! The L1 sees the machine's root, so the agent is an ordinary host binary; the run dir keeps a
 //! copy so rebuilding the workspace does not change the file under a running L1.
@@ -21,15 +22,16 @@ pub fn locate(settings: &Settings) -> Result<PathBuf, Error> {
             Err(Error::Agent(format!("CRX_TESTHOST_AGENT={} is not a file", path.display())))
         };
     }
-    let built = settings.target_dir.join("release").join(AGENT);
+    let agent_target = settings.target_dir.join("testhost-agent");
+    let built = agent_target.join("release").join(AGENT);
     // Under cargo (tests, xtask) CARGO names the cargo that runs us.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    tracing::debug!("building {AGENT} with cargo");
+    tracing::info!("bringing {AGENT} up to date (cargo build --release in {})", agent_target.display());
     let output = Command::new(&cargo)
         .args(["build", "--quiet", "--release", "--package", "crx-testhost", "--bin", AGENT])
         .arg("--manifest-path")
         .arg(settings.workspace_root.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &settings.target_dir)
+        .env("CARGO_TARGET_DIR", &agent_target)
         .output();
     match output {
         Ok(output) if output.status.success() => Ok(built),

@@ -6,6 +6,7 @@
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -152,9 +153,10 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instan
         cpus: settings.cpus,
         shares,
     };
-    let instance = Instance { pid: launch.spawn()?, port };
+    let mut qemu = launch.spawn()?;
+    let instance = Instance { pid: qemu.id(), port };
     write_state(run_dir, instance)?;
-    match wait_ready(instance, settings) {
+    match wait_ready(&mut qemu, instance, settings) {
         Ok(status) => {
             tracing::info!(
                 pid = instance.pid,
@@ -166,10 +168,11 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instan
             Ok(instance)
         }
         Err(e) => {
-            if qemu::is_running(instance.pid, run_dir) {
+            if matches!(qemu.try_wait(), Ok(None)) {
                 let dump = qemu::dump_hung(run_dir);
                 tracing::warn!("registers of the test host that did not come up saved to {}", dump.display());
-                qemu::kill(instance.pid, run_dir);
+                let _ = qemu.kill();
+                let _ = qemu.wait();
             }
             Err(e)
         }
@@ -177,13 +180,13 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instan
 }
 
 /// Waits for the agent to answer and checks that the L1 has standard KVM.
-fn wait_ready(instance: Instance, settings: &Settings) -> Result<Status, Error> {
+fn wait_ready(qemu: &mut Child, instance: Instance, settings: &Settings) -> Result<Status, Error> {
     let run_dir = &settings.run_dir;
     let deadline = Instant::now() + settings.boot_timeout;
     loop {
-        if !qemu::is_running(instance.pid, run_dir) {
+        if let Ok(Some(exit)) = qemu.try_wait() {
             return Err(Error::Start(format!(
-                "QEMU exited during boot.\n--- {QEMU_LOG} ---\n{}\n--- {SERIAL_LOG} ---\n{}",
+                "QEMU exited during boot ({exit}).\n--- {QEMU_LOG} ---\n{}\n--- {SERIAL_LOG} ---\n{}",
                 qemu::log_tail(run_dir, QEMU_LOG, 2000),
                 qemu::log_tail(run_dir, SERIAL_LOG, 4000)
             )));

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::assets::Assets;
@@ -95,8 +95,11 @@ impl Launch<'_> {
     }
 
     /// Starts QEMU detached from this process (own process group, output to files) so the L1
-    /// outlives the test process that started it; returns its pid.
-    pub fn spawn(&self) -> Result<u32, Error> {
+    /// outlives the test process that started it.
+    ///
+    /// Until QEMU's exec has finished, its `/proc/<pid>/cmdline` is empty and [`is_running`]
+    /// says no: the caller watches the returned child itself while the L1 boots.
+    pub fn spawn(&self) -> Result<Child, Error> {
         let _ = std::fs::remove_file(self.run_dir.join(MONITOR_SOCKET));
         for log in [SERIAL_LOG, QEMU_LOG] {
             let _ = std::fs::remove_file(self.run_dir.join(log));
@@ -104,15 +107,14 @@ impl Launch<'_> {
         let log_path = self.run_dir.join(QEMU_LOG);
         let log = File::create(&log_path).map_err(Error::io("cannot create", &log_path))?;
         let log_err = log.try_clone().map_err(Error::io("cannot duplicate", &log_path))?;
-        let child = Command::new(self.qemu)
+        Command::new(self.qemu)
             .args(self.args())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::Start(format!("cannot run {}: {e} (apt-get install qemu-system-x86)", self.qemu.display())))?;
-        Ok(child.id())
+            .map_err(|e| Error::Start(format!("cannot run {}: {e} (apt-get install qemu-system-x86)", self.qemu.display())))
     }
 }
 
@@ -148,26 +150,30 @@ pub fn dump_hung(run_dir: &Path) -> PathBuf {
     path
 }
 
+/// Runs one human monitor command; returns what QEMU printed up to its next prompt.
 fn monitor_command(run_dir: &Path, command: &str) -> std::io::Result<String> {
     let mut monitor = UnixStream::connect(run_dir.join(MONITOR_SOCKET))?;
-    monitor.set_read_timeout(Some(Duration::from_millis(500)))?;
+    // A monitor serves one client at a time: a held connection makes these reads time out.
+    monitor.set_read_timeout(Some(Duration::from_secs(5)))?;
+    read_to_prompt(&mut monitor)?;
     monitor.write_all(format!("{command}\n").as_bytes())?;
-    let mut answer = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let answer = read_to_prompt(&mut monitor)?;
+    // Drop the first line: the monitor's echo of the command, full of cursor movements.
+    Ok(answer.split_once('\n').map_or(answer.clone(), |(_, rest)| rest.to_owned()))
+}
+
+fn read_to_prompt(monitor: &mut UnixStream) -> std::io::Result<String> {
+    const PROMPT: &[u8] = b"(qemu) ";
+    let mut text = Vec::new();
     let mut buf = [0u8; 8192];
-    while Instant::now() < deadline {
-        match monitor.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                if !answer.is_empty() {
-                    break;
-                }
-            }
-            Err(e) => return Err(e),
+    while !text.ends_with(PROMPT) {
+        let n = monitor.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
+        text.extend_from_slice(&buf[..n]);
     }
-    Ok(String::from_utf8_lossy(&answer).into_owned())
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// Kills QEMU and waits up to 10 s for it to go.
