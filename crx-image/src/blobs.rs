@@ -31,7 +31,11 @@ pub(crate) struct Blobs {
 
 impl Blobs {
     pub(crate) fn new(root: &Path) -> Self {
-        Blobs { dir: root.join("blobs/sha256"), ingest: root.join("ingest"), locks: root.join("locks") }
+        Blobs {
+            dir: root.join("blobs/sha256"),
+            ingest: root.join("ingest"),
+            locks: root.join("locks"),
+        }
     }
 
     pub(crate) fn path(&self, d: &Digest) -> PathBuf {
@@ -54,7 +58,13 @@ impl Blobs {
 
     /// Make blob `d` of `size` bytes present, downloading it with `open` unless it already is.
     /// Concurrent callers (any process) for one digest wait for the first; only it downloads.
-    pub(crate) async fn fetch<S, F, Fut>(&self, d: &Digest, size: u64, progress: &dyn Progress, open: F) -> Result<Fetched, Error>
+    pub(crate) async fn fetch<S, F, Fut>(
+        &self,
+        d: &Digest,
+        size: u64,
+        progress: &dyn Progress,
+        open: F,
+    ) -> Result<Fetched, Error>
     where
         S: Stream<Item = Result<Bytes, Error>> + Unpin,
         F: FnOnce() -> Fut,
@@ -64,21 +74,23 @@ impl Blobs {
             progress.finish(d.as_str(), false);
             return Ok(Fetched::Present);
         }
-        let _lock = FileLock::acquire_async(self.lock(d), true).await?;
+        let lock = FileLock::acquire_async(self.lock(d), true).await?;
         if self.contains(d, size) {
             progress.finish(d.as_str(), false);
             return Ok(Fetched::Present);
         }
         progress.start(d.as_str(), size);
-        // Writing and hashing run on a blocking thread fed through a bounded channel.
+        // Writing and hashing run on a blocking thread fed through a bounded channel. That
+        // thread owns the lock and the partial file: if this future is dropped mid-transfer,
+        // it still deletes the partial file before releasing the lock.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         let ingest = Ingest::create(self, d, size)?;
-        let writer = tokio::task::spawn_blocking(move || -> Result<Ingest, Error> {
+        let writer = tokio::task::spawn_blocking(move || -> Result<(Ingest, FileLock), Error> {
             let mut ingest = ingest;
             while let Some(chunk) = rx.blocking_recv() {
                 ingest.write(&chunk)?;
             }
-            Ok(ingest)
+            Ok((ingest, lock))
         });
         let transfer = async {
             let mut stream = open().await?;
@@ -93,9 +105,13 @@ impl Blobs {
         };
         let transferred = transfer.await;
         drop(tx);
-        let ingest = writer.await??;
+        let (ingest, lock) = writer.await??;
         transferred?; // dropping `ingest` on this path removes the partial file
-        tokio::task::spawn_blocking(move || ingest.commit()).await??;
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            ingest.commit()
+        })
+        .await??;
         progress.finish(d.as_str(), true);
         Ok(Fetched::Downloaded)
     }
@@ -106,7 +122,12 @@ impl Blobs {
     }
 
     /// Store the blob read from `reader`, verified against `d` and `size`.
-    pub(crate) fn put_reader(&self, d: &Digest, size: u64, mut reader: impl Read) -> Result<(), Error> {
+    pub(crate) fn put_reader(
+        &self,
+        d: &Digest,
+        size: u64,
+        mut reader: impl Read,
+    ) -> Result<(), Error> {
         if self.contains(d, size) {
             return Ok(());
         }
@@ -117,7 +138,9 @@ impl Blobs {
         let mut ingest = Ingest::create(self, d, size)?;
         let mut buf = vec![0; WRITE_BUF];
         loop {
-            let n = reader.read(&mut buf).map_err(Error::io("read", ingest.tmp.clone()))?;
+            let n = reader
+                .read(&mut buf)
+                .map_err(Error::io("read", ingest.tmp.clone()))?;
             if n == 0 {
                 break;
             }
@@ -176,7 +199,12 @@ impl Ingest {
     }
 
     fn mismatch(&self, actual_digest: String) -> Error {
-        Error::BlobMismatch { digest: self.digest.to_string(), expected_size: self.size, actual_size: self.written, actual_digest }
+        Error::BlobMismatch {
+            digest: self.digest.to_string(),
+            expected_size: self.size,
+            actual_size: self.written,
+            actual_digest,
+        }
     }
 
     fn write(&mut self, chunk: &[u8]) -> Result<(), Error> {
@@ -195,11 +223,17 @@ impl Ingest {
             return Err(self.mismatch(actual.to_string()));
         }
         let file = self.file.take().expect("open until commit");
-        let file = file.into_inner().map_err(|e| Error::Io { op: "flush", path: self.tmp.clone(), source: e.into_error() })?;
+        let file = file.into_inner().map_err(|e| Error::Io {
+            op: "flush",
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(Error::io("sync", &self.tmp))?;
         fs::rename(&self.tmp, &self.dest).map_err(Error::io("commit", &self.dest))?;
         let dir = self.dest.parent().expect("blob paths have a parent");
-        File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("sync", dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Error::io("sync", dir))?;
         Ok(())
     }
 }

@@ -57,9 +57,22 @@ impl RegistryConfig {
     /// an auth file; `CRX_INSECURE_REGISTRIES` and `CRX_REGISTRY_MIRRORS` (`host=endpoint`)
     /// are comma-separated additions.
     pub fn from_env() -> Self {
-        let mut cfg = RegistryConfig::default();
-        cfg.auth_file = std::env::var_os("CRX_REGISTRY_AUTH_FILE").or_else(|| std::env::var_os("REGISTRY_AUTH_FILE")).map(PathBuf::from);
-        let list = |var| std::env::var(var).unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>();
+        let auth_file = std::env::var_os("CRX_REGISTRY_AUTH_FILE")
+            .or_else(|| std::env::var_os("REGISTRY_AUTH_FILE"))
+            .map(PathBuf::from);
+        let mut cfg = RegistryConfig {
+            auth_file,
+            ..Default::default()
+        };
+        let list = |var| {
+            std::env::var(var)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
         cfg.insecure.extend(list("CRX_INSECURE_REGISTRIES"));
         for m in list("CRX_REGISTRY_MIRRORS") {
             if let Some((host, endpoint)) = m.split_once('=') {
@@ -72,12 +85,17 @@ impl RegistryConfig {
     /// Whether `registry` (`host` or `host:port`) is reached over plain HTTP.
     pub fn is_insecure(&self, registry: &str) -> bool {
         let host = host_of(registry);
-        self.insecure.iter().any(|i| i == registry || (!has_port(i) && i == host))
+        self.insecure
+            .iter()
+            .any(|i| i == registry || (!has_port(i) && i == host))
     }
 
     /// Where to fetch images named under `registry`.
     pub fn endpoint<'a>(&'a self, registry: &'a str) -> &'a str {
-        self.mirrors.get(registry).map(String::as_str).unwrap_or(registry)
+        self.mirrors
+            .get(registry)
+            .map(String::as_str)
+            .unwrap_or(registry)
     }
 
     /// Credentials for `registry`: explicit entries first, then the auth file.
@@ -119,15 +137,22 @@ struct AuthEntry {
 }
 
 fn auth_from_file(path: &Path, registry: &str) -> Result<RegistryAuth, Error> {
-    let bad = |reason: String| Error::Malformed { what: format!("auth file {}", path.display()), reason };
+    let bad = |reason: String| Error::Malformed {
+        what: format!("auth file {}", path.display()),
+        reason,
+    };
     let text = std::fs::read(path).map_err(Error::io("read auth file", path))?;
     let file: AuthFile = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
     // Docker writes keys as `host`, `https://host` or `https://host/v1/`.
     let entry = file.auths.iter().find(|(k, _)| {
-        let k = k.trim_start_matches("https://").trim_start_matches("http://");
+        let k = k
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
         k.split('/').next() == Some(registry)
     });
-    let Some((_, e)) = entry else { return Ok(RegistryAuth::Anonymous) };
+    let Some((_, e)) = entry else {
+        return Ok(RegistryAuth::Anonymous);
+    };
     if let Some(token) = &e.registrytoken {
         return Ok(RegistryAuth::Bearer(token.clone()));
     }
@@ -135,9 +160,13 @@ fn auth_from_file(path: &Path, registry: &str) -> Result<RegistryAuth, Error> {
         return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
     }
     if let Some(auth) = &e.auth {
-        let raw = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|e| bad(e.to_string()))?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|e| bad(e.to_string()))?;
         let raw = String::from_utf8(raw).map_err(|e| bad(e.to_string()))?;
-        let (u, p) = raw.split_once(':').ok_or_else(|| bad(format!("auth for {registry} is not user:password")))?;
+        let (u, p) = raw
+            .split_once(':')
+            .ok_or_else(|| bad(format!("auth for {registry} is not user:password")))?;
         return Ok(RegistryAuth::Basic(u.to_owned(), p.to_owned()));
     }
     Ok(RegistryAuth::Anonymous)
@@ -165,9 +194,19 @@ mod tests {
         let path = dir.path().join("config.json");
         let b64 = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
         std::fs::write(&path, format!(r#"{{"auths":{{"https://reg.example:5000/v1/":{{"auth":"{b64}"}},"tok.example":{{"registrytoken":"T"}}}}}}"#)).unwrap();
-        let cfg = RegistryConfig { auth_file: Some(path), ..Default::default() };
-        assert!(matches!(cfg.auth_for("reg.example:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "alice" && p == "s3cret"));
-        assert!(matches!(cfg.auth_for("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "T"));
-        assert!(matches!(cfg.auth_for("other").unwrap(), RegistryAuth::Anonymous));
+        let cfg = RegistryConfig {
+            auth_file: Some(path),
+            ..Default::default()
+        };
+        assert!(
+            matches!(cfg.auth_for("reg.example:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "alice" && p == "s3cret")
+        );
+        assert!(
+            matches!(cfg.auth_for("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "T")
+        );
+        assert!(matches!(
+            cfg.auth_for("other").unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 }

@@ -14,8 +14,16 @@ pub struct Digest(String);
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let ok = s.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        if ok { Ok(Digest(s.to_owned())) } else { Err(Error::InvalidDigest(s.to_owned())) }
+        let ok = s.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(Digest(s.to_owned()))
+        } else {
+            Err(Error::InvalidDigest(s.to_owned()))
+        }
     }
 
     /// Digest of `bytes`.
@@ -77,6 +85,9 @@ mod tests {
         assert!(Digest::parse(&format!("sha256:../{}", &a.hex()[3..])).is_err());
         let b = Digest::of(b"b");
         assert_eq!(Digest::chain(None, &a), a);
-        assert_eq!(Digest::chain(Some(&a), &b), Digest::of(format!("{a} {b}").as_bytes()));
+        assert_eq!(
+            Digest::chain(Some(&a), &b),
+            Digest::of(format!("{a} {b}").as_bytes())
+        );
     }
 }

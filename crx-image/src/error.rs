@@ -25,9 +25,18 @@ pub enum Error {
         source: oci_client::errors::OciDistributionError,
     },
     #[error("blob {digest} failed verification: expected {expected_size} bytes, got {actual_size} bytes with digest {actual_digest}; nothing stored")]
-    BlobMismatch { digest: String, expected_size: u64, actual_size: u64, actual_digest: String },
+    BlobMismatch {
+        digest: String,
+        expected_size: u64,
+        actual_size: u64,
+        actual_digest: String,
+    },
     #[error("layer {blob} unpacks to DiffID {actual}, but the image config says {expected}")]
-    DiffIdMismatch { blob: String, expected: String, actual: String },
+    DiffIdMismatch {
+        blob: String,
+        expected: String,
+        actual: String,
+    },
     #[error("unsupported image: {0}")]
     Unsupported(String),
     #[error("malformed {what}: {reason}")]
@@ -56,7 +65,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
     }

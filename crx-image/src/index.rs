@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -51,7 +52,10 @@ impl ImageRecord {
 
     /// Every blob the image needs.
     pub(crate) fn blobs(&self) -> impl Iterator<Item = &Digest> {
-        [&self.manifest, &self.config].into_iter().chain(self.index.iter()).chain(self.layers.iter().map(|l| &l.digest))
+        [&self.manifest, &self.config]
+            .into_iter()
+            .chain(self.index.iter())
+            .chain(self.layers.iter().map(|l| &l.digest))
     }
 }
 
@@ -87,13 +91,24 @@ impl JsonDir {
         match fs::read(&path) {
             Ok(bytes) => parse(&path, &bytes).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io { op: "read", path, source: e }),
+            Err(e) => Err(Error::Io {
+                op: "read",
+                path,
+                source: e,
+            }),
         }
     }
 
     pub(crate) fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), Error> {
         let path = self.path(key);
-        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
+        // Unique per writer: concurrent writers of one key, in this process or another, each
+        // rename their own complete file into place; the last one wins.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.dir.join(format!(
+            ".{key}.{}.{}.tmp",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let bytes = serde_json::to_vec_pretty(value).expect("records serialize");
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
@@ -104,7 +119,11 @@ impl JsonDir {
         };
         write().map_err(|e| {
             let _ = fs::remove_file(&tmp);
-            Error::Io { op: "write", path, source: e }
+            Error::Io {
+                op: "write",
+                path,
+                source: e,
+            }
         })
     }
 
@@ -114,7 +133,11 @@ impl JsonDir {
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::Io { op: "remove", path, source: e }),
+            Err(e) => Err(Error::Io {
+                op: "remove",
+                path,
+                source: e,
+            }),
         }
     }
 
@@ -122,7 +145,10 @@ impl JsonDir {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(Error::io("list", &self.dir))? {
             let path = entry.map_err(Error::io("list", &self.dir))?.path();
-            let is_doc = path.extension().is_some_and(|e| e == "json") && !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            let is_doc = path.extension().is_some_and(|e| e == "json")
+                && !path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
             if is_doc {
                 let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
                 out.push(parse(&path, &bytes)?);
@@ -133,5 +159,8 @@ impl JsonDir {
 }
 
 fn parse<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Malformed { what: path.display().to_string(), reason: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }

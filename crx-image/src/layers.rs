@@ -29,7 +29,10 @@ pub(crate) struct Layers {
 
 impl Layers {
     pub(crate) fn new(root: &Path) -> Self {
-        Layers { dir: root.join("layers"), locks: root.join("locks") }
+        Layers {
+            dir: root.join("layers"),
+            locks: root.join("locks"),
+        }
     }
 
     pub(crate) fn chain_dir(&self, chain: &Digest) -> PathBuf {
@@ -45,13 +48,21 @@ impl Layers {
     }
 
     /// Make `layers[index]`'s chain present; its parent chain must already be. Blocking.
-    pub(crate) fn ensure(&self, blobs: &Blobs, layers: &[LayerRecord], index: usize) -> Result<(), Error> {
+    pub(crate) fn ensure(
+        &self,
+        blobs: &Blobs,
+        layers: &[LayerRecord],
+        index: usize,
+    ) -> Result<(), Error> {
         let layer = &layers[index];
         let chain = &layer.chain_id;
         if self.is_complete(chain) {
             return Ok(());
         }
-        let _lock = FileLock::acquire(&self.locks.join(format!("layer-{}.lock", chain.hex())), true)?;
+        let _lock = FileLock::acquire(
+            &self.locks.join(format!("layer-{}.lock", chain.hex())),
+            true,
+        )?;
         if self.is_complete(chain) {
             return Ok(());
         }
@@ -65,24 +76,47 @@ impl Layers {
         result
     }
 
-    fn build(&self, blobs: &Blobs, layer: &LayerRecord, parent: Option<&Digest>, tmp: &Path) -> Result<(), Error> {
+    fn build(
+        &self,
+        blobs: &Blobs,
+        layer: &LayerRecord,
+        parent: Option<&Digest>,
+        tmp: &Path,
+    ) -> Result<(), Error> {
         let started = std::time::Instant::now();
         fs::create_dir(tmp).map_err(Error::io("mkdir", tmp))?;
         let rootfs = tmp.join("rootfs");
-        let layer_err = |source| Error::Layer { blob: layer.digest.to_string(), source };
+        let layer_err = |source| Error::Layer {
+            blob: layer.digest.to_string(),
+            source,
+        };
         match parent {
             Some(p) => crx_layer::clone_tree(&self.rootfs(p), &rootfs).map_err(layer_err)?,
             None => fs::create_dir(&rootfs).map_err(Error::io("mkdir", &rootfs))?,
         }
         let blob_path = blobs.path(&layer.digest);
         let blob = File::open(&blob_path).map_err(Error::io("open blob", &blob_path))?;
-        let unpacked = crx_layer::unpack_layer(BufReader::new(blob), &rootfs, &Default::default()).map_err(layer_err)?;
+        let unpacked = crx_layer::unpack_layer(BufReader::new(blob), &rootfs, &Default::default())
+            .map_err(layer_err)?;
         if unpacked.diff_id != layer.diff_id.as_str() {
-            return Err(Error::DiffIdMismatch { blob: layer.digest.to_string(), expected: layer.diff_id.to_string(), actual: unpacked.diff_id });
+            return Err(Error::DiffIdMismatch {
+                blob: layer.digest.to_string(),
+                expected: layer.diff_id.to_string(),
+                actual: unpacked.diff_id,
+            });
         }
-        let meta = ChainMeta { chain_id: layer.chain_id.clone(), parent: parent.cloned(), diff_id: layer.diff_id.clone(), blob: layer.digest.clone() };
+        let meta = ChainMeta {
+            chain_id: layer.chain_id.clone(),
+            parent: parent.cloned(),
+            diff_id: layer.diff_id.clone(),
+            blob: layer.digest.clone(),
+        };
         let meta_path = tmp.join("meta.json");
-        fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("meta serializes")).map_err(Error::io("write", &meta_path))?;
+        fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+        )
+        .map_err(Error::io("write", &meta_path))?;
         let dest = self.chain_dir(&layer.chain_id);
         fs::rename(tmp, &dest).map_err(Error::io("commit layer", &dest))?;
         tracing::info!(chain_id = %layer.chain_id, blob = %layer.digest, entries = unpacked.entries, elapsed_ms = started.elapsed().as_millis() as u64, "layer unpacked");
@@ -94,7 +128,8 @@ impl Layers {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(Error::io("list", &self.dir))? {
             let entry = entry.map_err(Error::io("list", &self.dir))?;
-            let chain = Digest::parse(&format!("sha256:{}", entry.file_name().to_string_lossy())).ok();
+            let chain =
+                Digest::parse(&format!("sha256:{}", entry.file_name().to_string_lossy())).ok();
             out.push((chain.filter(|c| self.is_complete(c)), entry.path()));
         }
         Ok(out)
@@ -104,7 +139,11 @@ impl Layers {
 /// `rm -rf` that tolerates absence.
 pub(crate) fn remove_tree(path: &Path) -> Result<(), Error> {
     match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io { op: "remove", path: path.to_owned(), source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            op: "remove",
+            path: path.to_owned(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }

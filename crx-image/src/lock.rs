@@ -17,9 +17,22 @@ pub(crate) struct FileLock {
 impl FileLock {
     /// Block until `path` (created if missing) is locked, exclusively or shared.
     pub(crate) fn acquire(path: &Path, exclusive: bool) -> Result<Self, Error> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(Error::io("open lock", path))?;
-        let op = if exclusive { FlockOperation::LockExclusive } else { FlockOperation::LockShared };
-        flock(&file, op).map_err(|e| Error::Io { op: "lock", path: path.to_owned(), source: e.into() })?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(Error::io("open lock", path))?;
+        let op = if exclusive {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::LockShared
+        };
+        flock(&file, op).map_err(|e| Error::Io {
+            op: "lock",
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
         Ok(FileLock { _file: file })
     }
 

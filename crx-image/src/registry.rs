@@ -7,19 +7,29 @@ use futures_util::{Stream, TryStreamExt};
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
-    OciImageManifest, OciManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
-    OCI_IMAGE_MEDIA_TYPE,
+    OciImageManifest, OciManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use crate::{Digest, Error, RegistryConfig};
 
-const ACCEPTED: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE];
+const ACCEPTED: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
 
 /// Parse a user-supplied reference into its canonical form (`docker.io/library/x:latest`).
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, Error> {
-    reference.parse::<Reference>().map_err(|e| Error::InvalidReference { reference: reference.to_owned(), reason: e.to_string() })
+    reference
+        .parse::<Reference>()
+        .map_err(|e| Error::InvalidReference {
+            reference: reference.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// A manifest chosen for linux/amd64, with its raw bytes (stored as blobs).
@@ -32,8 +42,12 @@ pub(crate) struct ResolvedManifest {
 }
 
 /// Pick the linux/amd64 entry of an index (shared by pulls and imports).
-pub(crate) fn select_platform(index: &oci_client::manifest::OciImageIndex, what: &str) -> Result<Digest, Error> {
-    let d = linux_amd64_resolver(&index.manifests).ok_or_else(|| Error::Unsupported(format!("{what} has no linux/amd64 image")))?;
+pub(crate) fn select_platform(
+    index: &oci_client::manifest::OciImageIndex,
+    what: &str,
+) -> Result<Digest, Error> {
+    let d = linux_amd64_resolver(&index.manifests)
+        .ok_or_else(|| Error::Unsupported(format!("{what} has no linux/amd64 image")))?;
     Digest::parse(&d)
 }
 
@@ -51,8 +65,14 @@ impl Remote {
     pub(crate) fn new(cfg: &RegistryConfig, name: &Reference) -> Result<Self, Error> {
         let endpoint = cfg.endpoint(name.registry()).to_owned();
         let fetch = match name.digest() {
-            Some(d) => Reference::with_digest(endpoint.clone(), name.repository().to_owned(), d.to_owned()),
-            None => Reference::with_tag(endpoint.clone(), name.repository().to_owned(), name.tag().unwrap_or("latest").to_owned()),
+            Some(d) => {
+                Reference::with_digest(endpoint.clone(), name.repository().to_owned(), d.to_owned())
+            }
+            None => Reference::with_tag(
+                endpoint.clone(),
+                name.repository().to_owned(),
+                name.tag().unwrap_or("latest").to_owned(),
+            ),
         };
         let protocol = if cfg.is_insecure(&endpoint) {
             ClientProtocol::HttpsExcept(vec![fetch.resolve_registry().to_owned()])
@@ -67,55 +87,101 @@ impl Remote {
             ..Default::default()
         });
         let auth = cfg.auth_for(name.registry())?;
-        Ok(Remote { client, fetch, auth, name: name.whole() })
+        Ok(Remote {
+            client,
+            fetch,
+            auth,
+            name: name.whole(),
+        })
     }
 
     fn err(&self, source: OciDistributionError) -> Error {
         let registry = self.fetch.resolve_registry().to_owned();
         let reference = self.name.clone();
         let denied = match &source {
-            OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => true,
-            OciDistributionError::RegistryError { envelope, .. } => {
-                envelope.errors.iter().any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            }
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => true,
+            OciDistributionError::RegistryError { envelope, .. } => envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
             _ => false,
         };
         if denied {
-            Error::Unauthorized { registry, reference, source }
+            Error::Unauthorized {
+                registry,
+                reference,
+                source,
+            }
         } else {
-            Error::Registry { registry, reference, source }
+            Error::Registry {
+                registry,
+                reference,
+                source,
+            }
         }
     }
 
     async fn raw(&self, reference: &Reference) -> Result<(Bytes, Digest, OciManifest), Error> {
-        let (raw, digest) = self.client.pull_manifest_raw(reference, &self.auth, ACCEPTED).await.map_err(|e| self.err(e))?;
+        let (raw, digest) = self
+            .client
+            .pull_manifest_raw(reference, &self.auth, ACCEPTED)
+            .await
+            .map_err(|e| self.err(e))?;
         let digest = Digest::parse(&digest)?;
         if Digest::of(&raw) != digest {
-            return Err(Error::Malformed { what: format!("manifest {digest}"), reason: "content does not match its digest".into() });
+            return Err(Error::Malformed {
+                what: format!("manifest {digest}"),
+                reason: "content does not match its digest".into(),
+            });
         }
-        let manifest = serde_json::from_slice(&raw).map_err(|e| Error::Malformed { what: format!("manifest {digest}"), reason: e.to_string() })?;
+        let manifest = serde_json::from_slice(&raw).map_err(|e| Error::Malformed {
+            what: format!("manifest {digest}"),
+            reason: e.to_string(),
+        })?;
         Ok((raw, digest, manifest))
     }
 
     /// Fetch the manifest, following an index to its linux/amd64 image.
     pub(crate) async fn manifest(&self) -> Result<ResolvedManifest, Error> {
         match self.raw(&self.fetch).await? {
-            (raw, digest, OciManifest::Image(manifest)) => Ok(ResolvedManifest { manifest, raw, digest, index: None }),
+            (raw, digest, OciManifest::Image(manifest)) => Ok(ResolvedManifest {
+                manifest,
+                raw,
+                digest,
+                index: None,
+            }),
             (index_raw, index_digest, OciManifest::ImageIndex(index)) => {
                 let chosen = select_platform(&index, &self.name)?;
-                match self.raw(&self.fetch.clone_with_digest(chosen.to_string())).await? {
-                    (raw, digest, OciManifest::Image(manifest)) => {
-                        Ok(ResolvedManifest { manifest, raw, digest, index: Some((index_raw, index_digest)) })
-                    }
-                    (_, digest, OciManifest::ImageIndex(_)) => Err(Error::Unsupported(format!("nested index {digest} in {}", self.name))),
+                match self
+                    .raw(&self.fetch.clone_with_digest(chosen.to_string()))
+                    .await?
+                {
+                    (raw, digest, OciManifest::Image(manifest)) => Ok(ResolvedManifest {
+                        manifest,
+                        raw,
+                        digest,
+                        index: Some((index_raw, index_digest)),
+                    }),
+                    (_, digest, OciManifest::ImageIndex(_)) => Err(Error::Unsupported(format!(
+                        "nested index {digest} in {}",
+                        self.name
+                    ))),
                 }
             }
         }
     }
 
     /// Stream blob `digest` (bytes are verified by the store, not trusted here).
-    pub(crate) async fn blob(&self, digest: &Digest) -> Result<impl Stream<Item = Result<Bytes, Error>> + Unpin + use<>, Error> {
-        let sized = self.client.pull_blob_stream(&self.fetch, digest.as_str()).await.map_err(|e| self.err(e))?;
+    pub(crate) async fn blob(
+        &self,
+        digest: &Digest,
+    ) -> Result<impl Stream<Item = Result<Bytes, Error>> + Unpin + use<>, Error> {
+        let sized = self
+            .client
+            .pull_blob_stream(&self.fetch, digest.as_str())
+            .await
+            .map_err(|e| self.err(e))?;
         let name = self.name.clone();
         let registry = self.fetch.resolve_registry().to_owned();
         Ok(sized.stream.map_err(move |e| Error::Registry {

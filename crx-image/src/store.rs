@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::FuturesUnordered;
@@ -15,7 +16,9 @@ use crate::index::JsonDir;
 use crate::layers::{remove_tree, Layers};
 use crate::lock::FileLock;
 use crate::registry::{parse_reference, Remote};
-use crate::{usage, Digest, Error, FsUsage, ImageRecord, LayerRecord, Lease, Progress, RegistryConfig};
+use crate::{
+    usage, Digest, Error, FsUsage, ImageRecord, LayerRecord, Lease, Progress, RegistryConfig,
+};
 
 /// Layer blobs downloaded at once by one pull.
 const PARALLEL_DOWNLOADS: usize = 4;
@@ -54,13 +57,22 @@ struct RootFs {
 impl Store {
     /// The root from `CRX_ROOT`, else [`crate::DEFAULT_ROOT`].
     pub fn default_root() -> PathBuf {
-        std::env::var_os("CRX_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(crate::DEFAULT_ROOT))
+        std::env::var_os("CRX_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(crate::DEFAULT_ROOT))
     }
 
     /// Open (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>, registry: RegistryConfig) -> Result<Self, Error> {
         let root = root.into();
-        for sub in ["blobs/sha256", "ingest", "images", "leases", "layers", "locks"] {
+        for sub in [
+            "blobs/sha256",
+            "ingest",
+            "images",
+            "leases",
+            "layers",
+            "locks",
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(Error::io("create", dir))?;
         }
@@ -84,7 +96,11 @@ impl Store {
 
     /// Pull `reference` (tag or digest) for linux/amd64, verify and store its blobs, unpack its
     /// layers, and record it under its canonical name.
-    pub async fn pull(&self, reference: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+    pub async fn pull(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
         let name = parse_reference(reference)?;
         let _shared = FileLock::acquire_async(self.root.join("lock"), false).await?;
         let remote = Remote::new(&self.registry, &name)?;
@@ -95,73 +111,137 @@ impl Store {
         }
         let cfg = &resolved.manifest.config;
         let cfg_digest = Digest::parse(&cfg.digest)?;
-        self.blobs.fetch(&cfg_digest, descriptor_size(cfg.size)?, progress, || remote.blob(&cfg_digest)).await?;
-        let record = self.record(name.whole(), &resolved.manifest, resolved.digest, resolved.index.map(|(_, d)| d))?;
+        self.blobs
+            .fetch(&cfg_digest, descriptor_size(cfg.size)?, progress, || {
+                remote.blob(&cfg_digest)
+            })
+            .await?;
+        let record = self.record(
+            name.whole(),
+            &resolved.manifest,
+            resolved.digest,
+            resolved.index.map(|(_, d)| d),
+        )?;
 
-        // Download up to PARALLEL_DOWNLOADS layers at once; unpack each, in order, as soon as it
-        // and its parent are ready.
-        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-        let slots = tokio::sync::Semaphore::new(PARALLEL_DOWNLOADS);
-        let mut downloads = FuturesUnordered::new();
-        for (i, layer) in record.layers.iter().enumerate() {
-            let (slots, remote, ready_tx) = (&slots, &remote, ready_tx.clone());
-            downloads.push(async move {
-                let _slot = slots.acquire().await.expect("semaphore never closed");
-                self.blobs.fetch(&layer.digest, layer.size, progress, || remote.blob(&layer.digest)).await?;
-                let _ = ready_tx.send(i);
-                Ok::<_, Error>(())
-            });
-        }
-        drop(ready_tx);
-        let downloads = async move {
-            while let Some(done) = downloads.next().await {
-                done?;
+        {
+            // Download up to PARALLEL_DOWNLOADS layers at once; unpack each, in order, as soon as it
+            // and its parent are ready.
+            let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+            // On a failure, transfers already running finish (or fail) on their own and queued ones
+            // are skipped: nothing is cancelled mid-write, so no partial file outlives the pull.
+            let slots = tokio::sync::Semaphore::new(PARALLEL_DOWNLOADS);
+            let failed = AtomicBool::new(false);
+            let mut downloads = FuturesUnordered::new();
+            for (i, layer) in record.layers.iter().enumerate() {
+                let (slots, failed, remote, ready_tx) =
+                    (&slots, &failed, &remote, ready_tx.clone());
+                downloads.push(async move {
+                    let _slot = slots.acquire().await.expect("semaphore never closed");
+                    if failed.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    self.blobs
+                        .fetch(&layer.digest, layer.size, progress, || {
+                            remote.blob(&layer.digest)
+                        })
+                        .await?;
+                    let _ = ready_tx.send(i);
+                    Ok::<_, Error>(())
+                });
             }
-            Ok::<_, Error>(())
-        };
-        let unpacks = async {
-            let mut ready = vec![false; record.layers.len()];
-            for i in 0..record.layers.len() {
-                while !ready[i] {
-                    match ready_rx.recv().await {
-                        Some(done) => ready[done] = true,
-                        None => return Ok(()), // downloads failed; their error wins
+            drop(ready_tx);
+            let downloads = async {
+                let mut first_error = None;
+                while let Some(done) = downloads.next().await {
+                    if let Err(e) = done {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
                     }
                 }
-                let (blobs, layers, all) = (self.blobs.clone(), self.layers.clone(), record.layers.clone());
-                tokio::task::spawn_blocking(move || layers.ensure(&blobs, &all, i)).await??;
-            }
-            Ok::<_, Error>(())
-        };
-        futures_util::future::try_join(downloads, unpacks).await?;
+                first_error.map_or(Ok(()), Err)
+            };
+            let unpacks = async {
+                let mut ready = vec![false; record.layers.len()];
+                for i in 0..record.layers.len() {
+                    while !ready[i] {
+                        match ready_rx.recv().await {
+                            Some(done) => ready[done] = true,
+                            None => return Ok(()), // a download failed; its error is reported
+                        }
+                    }
+                    let (blobs, layers, all) = (
+                        self.blobs.clone(),
+                        self.layers.clone(),
+                        record.layers.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || layers.ensure(&blobs, &all, i)).await??;
+                }
+                Ok::<_, Error>(())
+            };
+            let (downloaded, unpacked) = futures_util::future::join(downloads, unpacks).await;
+            downloaded?;
+            unpacked?;
+        }
         self.images.put(&key(&record.name), &record)?;
         tracing::info!(image = %record.name, manifest = %record.manifest, layers = record.layers.len(), "image stored");
         Ok(record)
     }
 
     /// Build the record of an image whose manifest and config blob are in the store.
-    pub(crate) fn record(&self, name: String, manifest: &OciImageManifest, digest: Digest, index: Option<Digest>) -> Result<ImageRecord, Error> {
+    pub(crate) fn record(
+        &self,
+        name: String,
+        manifest: &OciImageManifest,
+        digest: Digest,
+        index: Option<Digest>,
+    ) -> Result<ImageRecord, Error> {
         let config = Digest::parse(&manifest.config.digest)?;
-        let doc: ConfigDoc = serde_json::from_slice(&self.blobs.read(&config)?)
-            .map_err(|e| Error::Malformed { what: format!("image config {config}"), reason: e.to_string() })?;
+        let doc: ConfigDoc =
+            serde_json::from_slice(&self.blobs.read(&config)?).map_err(|e| Error::Malformed {
+                what: format!("image config {config}"),
+                reason: e.to_string(),
+            })?;
         if doc.rootfs.diff_ids.len() != manifest.layers.len() {
             return Err(Error::Malformed {
                 what: format!("image {name}"),
-                reason: format!("{} layers but {} DiffIDs in the config", manifest.layers.len(), doc.rootfs.diff_ids.len()),
+                reason: format!(
+                    "{} layers but {} DiffIDs in the config",
+                    manifest.layers.len(),
+                    doc.rootfs.diff_ids.len()
+                ),
             });
         }
         let mut chain: Option<Digest> = None;
         let mut layers = Vec::new();
         for (desc, diff_id) in manifest.layers.iter().zip(doc.rootfs.diff_ids) {
             if !is_tar_layer(&desc.media_type) {
-                return Err(Error::Unsupported(format!("layer media type {} in {name}", desc.media_type)));
+                return Err(Error::Unsupported(format!(
+                    "layer media type {} in {name}",
+                    desc.media_type
+                )));
             }
             let chain_id = Digest::chain(chain.as_ref(), &diff_id);
             chain = Some(chain_id.clone());
-            layers.push(LayerRecord { digest: Digest::parse(&desc.digest)?, size: descriptor_size(desc.size)?, media_type: desc.media_type.clone(), diff_id, chain_id });
+            layers.push(LayerRecord {
+                digest: Digest::parse(&desc.digest)?,
+                size: descriptor_size(desc.size)?,
+                media_type: desc.media_type.clone(),
+                diff_id,
+                chain_id,
+            });
         }
-        let stored_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Ok(ImageRecord { name, manifest: digest, index, config, layers, stored_at })
+        let stored_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(ImageRecord {
+            name,
+            manifest: digest,
+            index,
+            config,
+            layers,
+            stored_at,
+        })
     }
 
     /// Unpack every layer of `record` (blobs present) and record it. Blocking.
@@ -194,9 +274,14 @@ impl Store {
                 return Ok(r);
             }
         }
-        let hex = name_or_digest.strip_prefix("sha256:").unwrap_or(name_or_digest);
+        let hex = name_or_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(name_or_digest);
         if hex.len() >= 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut found = self.images()?.into_iter().filter(|r| r.manifest.hex().starts_with(hex));
+            let mut found = self
+                .images()?
+                .into_iter()
+                .filter(|r| r.manifest.hex().starts_with(hex));
             if let (Some(r), None) = (found.next(), found.next()) {
                 return Ok(r);
             }
@@ -214,9 +299,17 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<ImageRecord, Error> {
         let _excl = self.store_lock(true)?;
         let record = self.image(name)?;
-        let holders: Vec<String> = self.leases()?.into_iter().filter(|l| l.image == record.name).map(|l| l.id).collect();
+        let holders: Vec<String> = self
+            .leases()?
+            .into_iter()
+            .filter(|l| l.image == record.name)
+            .map(|l| l.id)
+            .collect();
         if !holders.is_empty() {
-            return Err(Error::InUse { image: record.name, holders });
+            return Err(Error::InUse {
+                image: record.name,
+                holders,
+            });
         }
         self.images.remove(&key(&record.name))?;
         tracing::info!(image = %record.name, "image removed");
@@ -225,9 +318,16 @@ impl Store {
 
     /// Take lease `id` (e.g. a container ID: letters, digits, `-_.`) on `image`.
     pub fn lease(&self, image: &str, id: &str) -> Result<Lease, Error> {
-        let valid = !id.is_empty() && !id.starts_with('.') && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let valid = !id.is_empty()
+            && !id.starts_with('.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !valid {
-            return Err(Error::InvalidReference { reference: id.to_owned(), reason: "lease ids use letters, digits, `-`, `_`, `.`".into() });
+            return Err(Error::InvalidReference {
+                reference: id.to_owned(),
+                reason: "lease ids use letters, digits, `-`, `_`, `.`".into(),
+            });
         }
         let _shared = self.store_lock(false)?;
         let record = self.image(image)?;
@@ -244,7 +344,11 @@ impl Store {
 
     /// Release lease `id`.
     pub fn release(&self, id: &str) -> Result<(), Error> {
-        if self.leases.remove(id)? { Ok(()) } else { Err(Error::LeaseNotFound(id.to_owned())) }
+        if self.leases.remove(id)? {
+            Ok(())
+        } else {
+            Err(Error::LeaseNotFound(id.to_owned()))
+        }
     }
 
     pub fn leases(&self) -> Result<Vec<Lease>, Error> {
@@ -256,7 +360,10 @@ impl Store {
         let mut refs = BTreeMap::new();
         let images = self.images()?;
         let leases = self.leases()?;
-        let chains = images.iter().flat_map(|i| i.layers.iter().map(|l| &l.chain_id)).chain(leases.iter().flat_map(|l| l.chain_ids.iter()));
+        let chains = images
+            .iter()
+            .flat_map(|i| i.layers.iter().map(|l| &l.chain_id))
+            .chain(leases.iter().flat_map(|l| l.chain_ids.iter()));
         for c in chains {
             *refs.entry(c.clone()).or_insert(0) += 1;
         }
@@ -270,7 +377,11 @@ impl Store {
         let before = usage::measure(&self.root)?;
         let images = self.images()?;
         let leases = self.leases()?;
-        let keep_blobs: BTreeSet<&Digest> = images.iter().flat_map(|i| i.blobs()).chain(leases.iter().flat_map(|l| l.blobs.iter())).collect();
+        let keep_blobs: BTreeSet<&Digest> = images
+            .iter()
+            .flat_map(|i| i.blobs())
+            .chain(leases.iter().flat_map(|l| l.blobs.iter()))
+            .collect();
         let refs = self.layer_refs()?;
         let mut report = GcReport::default();
         for d in self.blobs.list()? {
@@ -296,8 +407,15 @@ impl Store {
             let path = entry.map_err(Error::io("list", &locks))?.path();
             fs::remove_file(&path).map_err(Error::io("remove", path))?;
         }
-        report.bytes_freed = before.used_bytes.saturating_sub(usage::measure(&self.root)?.used_bytes);
-        tracing::info!(blobs = report.blobs_removed.len(), layers = report.layers_removed.len(), bytes = report.bytes_freed, "garbage collected");
+        report.bytes_freed = before
+            .used_bytes
+            .saturating_sub(usage::measure(&self.root)?.used_bytes);
+        tracing::info!(
+            blobs = report.blobs_removed.len(),
+            layers = report.layers_removed.len(),
+            bytes = report.bytes_freed,
+            "garbage collected"
+        );
         Ok(report)
     }
 
@@ -313,7 +431,10 @@ fn key(name: &str) -> String {
 }
 
 fn descriptor_size(size: i64) -> Result<u64, Error> {
-    u64::try_from(size).map_err(|_| Error::Malformed { what: "descriptor".into(), reason: format!("negative size {size}") })
+    u64::try_from(size).map_err(|_| Error::Malformed {
+        what: "descriptor".into(),
+        reason: format!("negative size {size}"),
+    })
 }
 
 /// OCI and Docker tar layer media types (plain, gzip, zstd; distributable or not).
@@ -324,5 +445,9 @@ fn is_tar_layer(media_type: &str) -> bool {
         "application/vnd.docker.image.rootfs.diff.tar",
         "application/vnd.docker.image.rootfs.foreign.diff.tar",
     ];
-    BASES.iter().any(|b| media_type.strip_prefix(b).is_some_and(|rest| ["", "+gzip", "+zstd", ".gzip"].contains(&rest)))
+    BASES.iter().any(|b| {
+        media_type
+            .strip_prefix(b)
+            .is_some_and(|rest| ["", "+gzip", "+zstd", ".gzip"].contains(&rest))
+    })
 }

@@ -25,7 +25,11 @@ pub(crate) fn measure(root: &Path) -> Result<FsUsage, Error> {
     let mut seen = HashSet::new();
     let mut usage = FsUsage::default();
     walk(root, &mut seen, &mut usage)?;
-    let st = rustix::fs::statvfs(root).map_err(|e| Error::Io { op: "statvfs", path: root.to_owned(), source: e.into() })?;
+    let st = rustix::fs::statvfs(root).map_err(|e| Error::Io {
+        op: "statvfs",
+        path: root.to_owned(),
+        source: e.into(),
+    })?;
     usage.fs_total_bytes = st.f_blocks * st.f_frsize;
     usage.fs_available_bytes = st.f_bavail * st.f_frsize;
     Ok(usage)
@@ -35,7 +39,13 @@ fn walk(path: &Path, seen: &mut HashSet<(u64, u64)>, usage: &mut FsUsage) -> Res
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // removed meanwhile
-        Err(e) => return Err(Error::Io { op: "stat", path: path.to_owned(), source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                op: "stat",
+                path: path.to_owned(),
+                source: e,
+            })
+        }
     };
     if seen.insert((meta.dev(), meta.ino())) {
         usage.used_bytes += meta.blocks() * 512;

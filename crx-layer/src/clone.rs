@@ -2,12 +2,13 @@
 //! chain without modifying the parent snapshot (files are shared, directories are copied).
 
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{
-    fgetxattr, flistxattr, fstat, linkat, mkdirat, openat, statat, AtFlags, FileType, Mode, OFlags, Stat, Timespec, CWD,
+    fgetxattr, flistxattr, fstat, linkat, mkdirat, openat, statat, AtFlags, FileType, Mode, OFlags,
+    Stat, Timespec, CWD,
 };
 
 use crate::fsops::{apply_meta_fd, dir_entries, Meta};
@@ -19,15 +20,23 @@ use crate::LayerError;
 pub fn clone_tree(src: &Path, dst: &Path) -> Result<(), LayerError> {
     let privileged = rustix::process::geteuid().is_root();
     let open = |p: &Path| {
-        openat(CWD, p, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| LayerError::io("open dir", p, e))
+        openat(
+            CWD,
+            p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| LayerError::io("open dir", p, e))
     };
     let src_fd = open(src)?;
-    rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700)).map_err(|e| LayerError::io("mkdir", dst, e))?;
+    rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700))
+        .map_err(|e| LayerError::io("mkdir", dst, e))?;
     let dst_fd = open(dst)?;
-    clone_dir(src_fd.as_fd(), dst_fd.as_fd(), privileged).map_err(|e| LayerError::io("clone", src, e))?;
+    clone_dir(src_fd.as_fd(), dst_fd.as_fd(), privileged)
+        .map_err(|e| LayerError::io("clone", src, e))?;
     let st = fstat(&src_fd).map_err(|e| LayerError::io("stat", src, e))?;
-    copy_dir_meta(src_fd.as_fd(), &st, dst_fd.as_fd(), privileged).map_err(|e| LayerError::io("set metadata", dst, e))
+    copy_dir_meta(src_fd.as_fd(), &st, dst_fd.as_fd(), privileged)
+        .map_err(|e| LayerError::io("set metadata", dst, e))
 }
 
 fn clone_dir(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, privileged: bool) -> io::Result<()> {
@@ -47,12 +56,20 @@ fn clone_dir(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, privileged: bool) -> io::
     Ok(())
 }
 
-fn copy_dir_meta(src: BorrowedFd<'_>, st: &Stat, dst: BorrowedFd<'_>, privileged: bool) -> io::Result<()> {
+fn copy_dir_meta(
+    src: BorrowedFd<'_>,
+    st: &Stat,
+    dst: BorrowedFd<'_>,
+    privileged: bool,
+) -> io::Result<()> {
     let meta = Meta {
         mode: st.st_mode,
         uid: st.st_uid,
         gid: st.st_gid,
-        mtime: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as _ },
+        mtime: Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
         xattrs: read_xattrs(src)?,
     };
     apply_meta_fd(dst, &meta, privileged, false)
@@ -74,5 +91,3 @@ fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     }
     Ok(out)
 }
-
-

@@ -7,8 +7,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{
-    fchmod, fchown, fsetxattr, futimens, openat, openat2, statat, unlinkat, AtFlags, Dir, FileType, Gid, Mode, OFlags,
-    ResolveFlags, Stat, Timespec, Timestamps, Uid, XattrFlags,
+    fchmod, fchown, fsetxattr, futimens, openat, openat2, statat, unlinkat, AtFlags, Dir, FileType,
+    Gid, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps, Uid, XattrFlags,
 };
 use rustix::io::Errno;
 
@@ -16,8 +16,16 @@ use crate::LayerError;
 
 /// Open directory `rel` (relative, already normalised; empty = `root` itself) below `root`,
 /// resolving symlinks only while they stay beneath `root`. `flags` adds to `O_DIRECTORY`.
-pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
-    let path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+pub(crate) fn open_dir_beneath(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    flags: OFlags,
+) -> Result<OwnedFd, Errno> {
+    let path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     openat2(
         root,
         path,
@@ -31,9 +39,18 @@ pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) 
 pub(crate) fn lookup_error(entry: &Path, errno: Errno) -> LayerError {
     let path = entry.display().to_string();
     match errno {
-        Errno::XDEV => LayerError::Escape { path, reason: "a symlink on the way leads outside the root" },
-        Errno::LOOP => LayerError::Escape { path, reason: "symlink loop or magic link on the way" },
-        Errno::NOTDIR => LayerError::InvalidEntry { path, reason: "a parent is not a directory".into() },
+        Errno::XDEV => LayerError::Escape {
+            path,
+            reason: "a symlink on the way leads outside the root",
+        },
+        Errno::LOOP => LayerError::Escape {
+            path,
+            reason: "symlink loop or magic link on the way",
+        },
+        Errno::NOTDIR => LayerError::InvalidEntry {
+            path,
+            reason: "a parent is not a directory".into(),
+        },
         e => LayerError::io("resolve", entry, e),
     }
 }
@@ -49,9 +66,16 @@ pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<S
 
 /// Remove `name` in `dir` and, if it is a directory, everything below it. Absent is fine.
 pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let Some(st) = lstat_at(dir, name)? else { return Ok(()) };
+    let Some(st) = lstat_at(dir, name)? else {
+        return Ok(());
+    };
     if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-        let child = openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let child = openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         for entry in dir_entries(child.as_fd())? {
             remove_all_at(child.as_fd(), &entry)?;
         }
@@ -88,15 +112,27 @@ pub(crate) struct Meta {
 
 impl Meta {
     pub(crate) fn timestamps(&self) -> Timestamps {
-        Timestamps { last_access: self.mtime, last_modification: self.mtime }
+        Timestamps {
+            last_access: self.mtime,
+            last_modification: self.mtime,
+        }
     }
 }
 
 /// Apply `meta` to an open regular file or directory, in the order that keeps set-id bits and
 /// file capabilities (chown clears both): owner, mode, xattrs, then times unless `skip_times`.
-pub(crate) fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, privileged: bool, skip_times: bool) -> io::Result<()> {
+pub(crate) fn apply_meta_fd(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    privileged: bool,
+    skip_times: bool,
+) -> io::Result<()> {
     if privileged {
-        fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))?;
+        fchown(
+            fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )?;
     }
     fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))?;
     for (name, value) in &meta.xattrs {
@@ -110,7 +146,12 @@ pub(crate) fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, privileged: bool, s
 
 /// Set one xattr; namespaces the caller may not write (or the filesystem lacks) are skipped
 /// with a log line rather than failing the whole layer.
-pub(crate) fn set_xattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8], privileged: bool) -> io::Result<()> {
+pub(crate) fn set_xattr(
+    fd: BorrowedFd<'_>,
+    name: &[u8],
+    value: &[u8],
+    privileged: bool,
+) -> io::Result<()> {
     let shown = String::from_utf8_lossy(name);
     if !privileged && !name.starts_with(b"user.") {
         tracing::debug!(xattr = %shown, "not root: skipping xattr");

@@ -50,7 +50,15 @@ pub enum LayerError {
 }
 
 impl LayerError {
-    pub(crate) fn io(op: &'static str, path: impl AsRef<std::path::Path>, source: impl Into<io::Error>) -> Self {
-        LayerError::Io { op, path: path.as_ref().display().to_string(), source: source.into() }
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl AsRef<std::path::Path>,
+        source: impl Into<io::Error>,
+    ) -> Self {
+        LayerError::Io {
+            op,
+            path: path.as_ref().display().to_string(),
+            source: source.into(),
+        }
     }
 }

@@ -13,7 +13,10 @@ use crate::LayerError;
 pub(crate) fn normalize(raw: &[u8]) -> Result<Option<PathBuf>, LayerError> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
     if raw.contains(&0) {
-        return Err(LayerError::InvalidEntry { path: shown(), reason: "NUL byte in path".into() });
+        return Err(LayerError::InvalidEntry {
+            path: shown(),
+            reason: "NUL byte in path".into(),
+        });
     }
     let mut out = PathBuf::new();
     for comp in Path::new(OsStr::from_bytes(raw)).components() {
@@ -21,10 +24,16 @@ pub(crate) fn normalize(raw: &[u8]) -> Result<Option<PathBuf>, LayerError> {
             Component::Normal(c) => out.push(c),
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => {
-                return Err(LayerError::Escape { path: shown(), reason: "absolute path" })
+                return Err(LayerError::Escape {
+                    path: shown(),
+                    reason: "absolute path",
+                })
             }
             Component::ParentDir => {
-                return Err(LayerError::Escape { path: shown(), reason: "`..` component" })
+                return Err(LayerError::Escape {
+                    path: shown(),
+                    reason: "`..` component",
+                })
             }
         }
     }
@@ -33,7 +42,9 @@ pub(crate) fn normalize(raw: &[u8]) -> Result<Option<PathBuf>, LayerError> {
 
 /// Split a normalised path into its parent (possibly empty) and final component.
 pub(crate) fn split(rel: &Path) -> (&Path, &OsStr) {
-    let name = rel.file_name().expect("normalized paths end in a normal component");
+    let name = rel
+        .file_name()
+        .expect("normalized paths end in a normal component");
     (rel.parent().unwrap_or(Path::new("")), name)
 }
 
@@ -43,7 +54,10 @@ mod tests {
 
     #[test]
     fn normalizes_relative_paths() {
-        assert_eq!(normalize(b"./a//b/./c/").unwrap(), Some(PathBuf::from("a/b/c")));
+        assert_eq!(
+            normalize(b"./a//b/./c/").unwrap(),
+            Some(PathBuf::from("a/b/c"))
+        );
         assert_eq!(normalize(b"./").unwrap(), None);
         assert_eq!(normalize(b"bin").unwrap(), Some(PathBuf::from("bin")));
     }
@@ -51,8 +65,14 @@ mod tests {
     #[test]
     fn rejects_escapes() {
         for bad in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"a/.."] {
-            assert!(matches!(normalize(bad), Err(LayerError::Escape { .. })), "{bad:?}");
+            assert!(
+                matches!(normalize(bad), Err(LayerError::Escape { .. })),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(normalize(b"a\0b"), Err(LayerError::InvalidEntry { .. })));
+        assert!(matches!(
+            normalize(b"a\0b"),
+            Err(LayerError::InvalidEntry { .. })
+        ));
     }
 }

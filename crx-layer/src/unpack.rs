@@ -10,8 +10,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{
-    chmodat, chownat, linkat, makedev, mkdirat, mknodat, openat, symlinkat, utimensat, AtFlags, FileType, Gid, Mode,
-    OFlags, Timespec, Uid, CWD,
+    chmodat, chownat, linkat, makedev, mkdirat, mknodat, openat, symlinkat, utimensat, AtFlags,
+    FileType, Gid, Mode, OFlags, Timespec, Uid, CWD,
 };
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -35,7 +35,9 @@ pub struct UnpackOptions {
 
 impl Default for UnpackOptions {
     fn default() -> Self {
-        UnpackOptions { privileged: rustix::process::geteuid().is_root() }
+        UnpackOptions {
+            privileged: rustix::process::geteuid().is_root(),
+        }
     }
 }
 
@@ -54,9 +56,18 @@ pub struct Unpacked {
 /// Whiteouts remove what lower layers left in `root`; entries of this same layer are never
 /// hidden by its own whiteouts. On error, `root` may hold part of the layer (callers unpack
 /// into a scratch directory they discard), but nothing outside `root` has been touched.
-pub fn unpack_layer(blob: impl Read, root: &Path, opts: &UnpackOptions) -> Result<Unpacked, LayerError> {
-    let root_fd = openat(CWD, root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| LayerError::io("open root", root, e))?;
+pub fn unpack_layer(
+    blob: impl Read,
+    root: &Path,
+    opts: &UnpackOptions,
+) -> Result<Unpacked, LayerError> {
+    let root_fd = openat(
+        CWD,
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io("open root", root, e))?;
     let mut input = BufReader::with_capacity(BUF_SIZE, blob);
     let head = input.fill_buf().map_err(LayerError::Read)?;
     let decoded: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
@@ -66,7 +77,10 @@ pub fn unpack_layer(blob: impl Read, root: &Path, opts: &UnpackOptions) -> Resul
     } else {
         Box::new(input)
     };
-    let mut tar_stream = HashingReader { inner: decoded, hasher: Sha256::new() };
+    let mut tar_stream = HashingReader {
+        inner: decoded,
+        hasher: Sha256::new(),
+    };
     let mut applier = Applier {
         root: root_fd,
         privileged: opts.privileged,
@@ -84,7 +98,10 @@ pub fn unpack_layer(blob: impl Read, root: &Path, opts: &UnpackOptions) -> Resul
     // The DiffID covers the whole tar stream, including the end-of-archive padding.
     io::copy(&mut tar_stream, &mut io::sink()).map_err(LayerError::Read)?;
     applier.finish_dir_times()?;
-    Ok(Unpacked { diff_id: format!("sha256:{:x}", tar_stream.hasher.finalize()), entries: applier.entries })
+    Ok(Unpacked {
+        diff_id: format!("sha256:{:x}", tar_stream.hasher.finalize()),
+        entries: applier.entries,
+    })
 }
 
 struct HashingReader<R> {
@@ -118,7 +135,9 @@ impl Applier {
             return Ok(());
         }
         let raw = entry.path_bytes().into_owned();
-        let Some(rel) = normalize(&raw)? else { return Ok(()) };
+        let Some(rel) = normalize(&raw)? else {
+            return Ok(());
+        };
         let (parent, name) = split(&rel);
         let name = name.to_owned();
 
@@ -139,16 +158,23 @@ impl Applier {
                         if existing.is_some() {
                             remove_all_at(dir, &name).map_err(|e| io_err("replace", e))?;
                         }
-                        mkdirat(dir, &name, Mode::from_raw_mode(0o700)).map_err(|e| io_err("mkdir", e.into()))?;
+                        mkdirat(dir, &name, Mode::from_raw_mode(0o700))
+                            .map_err(|e| io_err("mkdir", e.into()))?;
                     }
                 }
-                let fd = openat(dir, &name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| io_err("open dir", e.into()))?;
+                let fd = openat(
+                    dir,
+                    &name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err("open dir", e.into()))?;
                 let mut meta = meta;
                 if !self.privileged {
                     meta.mode |= 0o700;
                 }
-                apply_meta_fd(fd.as_fd(), &meta, self.privileged, true).map_err(|e| io_err("set metadata", e))?;
+                apply_meta_fd(fd.as_fd(), &meta, self.privileged, true)
+                    .map_err(|e| io_err("set metadata", e))?;
                 self.dir_times.push((rel.clone(), meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous => {
@@ -156,7 +182,11 @@ impl Applier {
                 let fd = openat(
                     dir,
                     &name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| io_err("create", e.into()))?;
@@ -166,31 +196,42 @@ impl Applier {
                     if n == 0 {
                         break;
                     }
-                    file.write_all(&self.buf[..n]).map_err(|e| io_err("write", e))?;
+                    file.write_all(&self.buf[..n])
+                        .map_err(|e| io_err("write", e))?;
                 }
-                apply_meta_fd(file.as_fd(), &meta, self.privileged, false).map_err(|e| io_err("set metadata", e))?;
+                apply_meta_fd(file.as_fd(), &meta, self.privileged, false)
+                    .map_err(|e| io_err("set metadata", e))?;
             }
             EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| LayerError::InvalidEntry { path: rel.display().to_string(), reason: "symlink without target".into() })?
+                    .ok_or_else(|| LayerError::InvalidEntry {
+                        path: rel.display().to_string(),
+                        reason: "symlink without target".into(),
+                    })?
                     .into_owned();
                 remove_all_at(dir, &name).map_err(|e| io_err("replace", e))?;
-                symlinkat(OsStr::from_bytes(&target), dir, &name).map_err(|e| io_err("symlink", e.into()))?;
+                symlinkat(OsStr::from_bytes(&target), dir, &name)
+                    .map_err(|e| io_err("symlink", e.into()))?;
                 self.finish_node(dir, &name, &meta, &rel, false)?;
             }
             EntryType::Link => {
-                let raw_target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let raw_target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
                 let target = normalize(&raw_target)?.ok_or_else(|| LayerError::InvalidEntry {
                     path: rel.display().to_string(),
                     reason: "hard link to the root directory".into(),
                 })?;
                 if target != rel {
                     let (tparent, tname) = split(&target);
-                    let tdir = open_dir_beneath(self.root.as_fd(), tparent, OFlags::PATH).map_err(|e| lookup_error(&target, e))?;
+                    let tdir = open_dir_beneath(self.root.as_fd(), tparent, OFlags::PATH)
+                        .map_err(|e| lookup_error(&target, e))?;
                     remove_all_at(dir, &name).map_err(|e| io_err("replace", e))?;
                     // Flags 0: a symlink target is linked itself, never followed.
-                    linkat(tdir.as_fd(), tname, dir, &name, AtFlags::empty()).map_err(|e| io_err("hard link", e.into()))?;
+                    linkat(tdir.as_fd(), tname, dir, &name, AtFlags::empty())
+                        .map_err(|e| io_err("hard link", e.into()))?;
                 }
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -206,8 +247,14 @@ impl Applier {
                 let major = entry.header().device_major().ok().flatten().unwrap_or(0);
                 let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
                 remove_all_at(dir, &name).map_err(|e| io_err("replace", e))?;
-                mknodat(dir, &name, file_type, Mode::from_raw_mode(0o600), makedev(major, minor))
-                    .map_err(|e| io_err("mknod", e.into()))?;
+                mknodat(
+                    dir,
+                    &name,
+                    file_type,
+                    Mode::from_raw_mode(0o600),
+                    makedev(major, minor),
+                )
+                .map_err(|e| io_err("mknod", e.into()))?;
                 self.finish_node(dir, &name, &meta, &rel, true)?;
             }
             other => {
@@ -222,33 +269,60 @@ impl Applier {
 
     /// Owner, mode (not for symlinks) and times of a node that cannot be opened safely
     /// (symlink, device, fifo), by name relative to its parent without following it.
-    fn finish_node(&self, dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta, rel: &Path, chmod: bool) -> Result<(), LayerError> {
+    fn finish_node(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        meta: &Meta,
+        rel: &Path,
+        chmod: bool,
+    ) -> Result<(), LayerError> {
         let err = |op, e: Errno| LayerError::io(op, rel, e);
         if self.privileged {
-            chownat(dir, name, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| err("chown", e))?;
+            chownat(
+                dir,
+                name,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| err("chown", e))?;
         }
         if chmod {
-            chmodat(dir, name, Mode::from_raw_mode(meta.mode & 0o7777), AtFlags::empty()).map_err(|e| err("chmod", e))?;
+            chmodat(
+                dir,
+                name,
+                Mode::from_raw_mode(meta.mode & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(|e| err("chmod", e))?;
         }
-        utimensat(dir, name, &meta.timestamps(), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| err("set times", e))
+        utimensat(dir, name, &meta.timestamps(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| err("set times", e))
     }
 
     fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<Meta, LayerError> {
         let header = entry.header();
-        let bad = |what: &str, e: io::Error| LayerError::InvalidEntry { path: rel.display().to_string(), reason: format!("{what}: {e}") };
+        let bad = |what: &str, e: io::Error| LayerError::InvalidEntry {
+            path: rel.display().to_string(),
+            reason: format!("{what}: {e}"),
+        };
         let mut meta = Meta {
             mode: header.mode().map_err(|e| bad("mode", e))?,
             uid: header.uid().map_err(|e| bad("uid", e))? as u32,
             gid: header.gid().map_err(|e| bad("gid", e))? as u32,
-            mtime: Timespec { tv_sec: header.mtime().map_err(|e| bad("mtime", e))? as i64, tv_nsec: 0 },
+            mtime: Timespec {
+                tv_sec: header.mtime().map_err(|e| bad("mtime", e))? as i64,
+                tv_nsec: 0,
+            },
             xattrs: Vec::new(),
         };
         if let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? {
             for ext in exts {
                 let ext = ext.map_err(LayerError::Read)?;
                 if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    meta.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                    meta.xattrs
+                        .push((name.to_vec(), ext.value_bytes().to_vec()));
                 }
             }
         }
@@ -263,14 +337,16 @@ impl Applier {
             other => return other.map_err(|e| lookup_error(rel, e)),
         }
         let mut prefix = PathBuf::new();
-        let mut dir = open_dir_beneath(self.root.as_fd(), &prefix, OFlags::PATH).map_err(|e| lookup_error(rel, e))?;
+        let mut dir = open_dir_beneath(self.root.as_fd(), &prefix, OFlags::PATH)
+            .map_err(|e| lookup_error(rel, e))?;
         for comp in parent.iter() {
             match mkdirat(dir.as_fd(), comp, Mode::from_raw_mode(0o755)) {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(LayerError::io("mkdir", prefix.join(comp), e)),
             }
             prefix.push(comp);
-            dir = open_dir_beneath(self.root.as_fd(), &prefix, OFlags::PATH).map_err(|e| lookup_error(rel, e))?;
+            dir = open_dir_beneath(self.root.as_fd(), &prefix, OFlags::PATH)
+                .map_err(|e| lookup_error(rel, e))?;
         }
         Ok(dir)
     }
@@ -291,7 +367,10 @@ impl Applier {
             return Ok(());
         }
         if target.is_empty() || target == b"." || target == b".." {
-            return Err(LayerError::InvalidEntry { path: rel.display().to_string(), reason: "whiteout without a target name".into() });
+            return Err(LayerError::InvalidEntry {
+                path: rel.display().to_string(),
+                reason: "whiteout without a target name".into(),
+            });
         }
         let target = OsStr::from_bytes(target);
         if !self.created.contains(&parent.join(target)) {
@@ -307,8 +386,15 @@ impl Applier {
             let child_rel = rel.join(&child);
             if !self.created.contains(&child_rel) {
                 remove_all_at(dir, &child)?;
-            } else if fsops::lstat_at(dir, &child)?.is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory) {
-                let sub = openat(dir, &child, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            } else if fsops::lstat_at(dir, &child)?
+                .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+            {
+                let sub = openat(
+                    dir,
+                    &child,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
                 self.prune_lower(sub.as_fd(), &child_rel)?;
             }
         }
@@ -317,12 +403,16 @@ impl Applier {
 
     fn finish_dir_times(&self) -> Result<(), LayerError> {
         for (rel, mtime) in self.dir_times.iter().rev() {
-            let fd = match open_dir_beneath(self.root.as_fd(), rel, OFlags::RDONLY | OFlags::NOFOLLOW) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => continue, // replaced later in the layer
-                Err(e) => return Err(LayerError::io("open dir", rel, e)),
+            let fd =
+                match open_dir_beneath(self.root.as_fd(), rel, OFlags::RDONLY | OFlags::NOFOLLOW) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => continue, // replaced later in the layer
+                    Err(e) => return Err(LayerError::io("open dir", rel, e)),
+                };
+            let times = rustix::fs::Timestamps {
+                last_access: *mtime,
+                last_modification: *mtime,
             };
-            let times = rustix::fs::Timestamps { last_access: *mtime, last_modification: *mtime };
             rustix::fs::futimens(&fd, &times).map_err(|e| LayerError::io("set times", rel, e))?;
         }
         Ok(())

@@ -36,7 +36,9 @@ impl StoreArgs {
         }
         cfg.insecure.extend(self.insecure.iter().cloned());
         for m in &self.mirrors {
-            let (host, endpoint) = m.split_once('=').with_context(|| format!("--mirror {m:?}: expected HOST=ENDPOINT"))?;
+            let (host, endpoint) = m
+                .split_once('=')
+                .with_context(|| format!("--mirror {m:?}: expected HOST=ENDPOINT"))?;
             cfg.mirrors.insert(host.to_owned(), endpoint.to_owned());
         }
         let root = self.root.clone().unwrap_or_else(Store::default_root);
@@ -105,7 +107,10 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Pull { reference, store } => {
             let store = store.open()?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let record = if std::io::stderr().is_terminal() {
                 runtime.block_on(store.pull(&reference, &Bars::default()))
             } else {
@@ -116,39 +121,86 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         }
         ImageCommand::Images { digests, store } => {
             let store = store.open()?;
-            println!("{:<60} {:<19} {:>6} {:>10}", "IMAGE", "DIGEST", "LAYERS", "SIZE");
+            println!(
+                "{:<60} {:<19} {:>6} {:>10}",
+                "IMAGE", "DIGEST", "LAYERS", "SIZE"
+            );
             for i in store.images()? {
-                let digest = if digests { i.manifest.to_string() } else { i.manifest.hex()[..12].to_owned() };
-                println!("{:<60} {:<19} {:>6} {:>10}", i.name, digest, i.layers.len(), human(i.size()));
+                let digest = if digests {
+                    i.manifest.to_string()
+                } else {
+                    i.manifest.hex()[..12].to_owned()
+                };
+                println!(
+                    "{:<60} {:<19} {:>6} {:>10}",
+                    i.name,
+                    digest,
+                    i.layers.len(),
+                    human(i.size())
+                );
             }
         }
-        ImageCommand::Rmi { images, no_prune, store } => {
+        ImageCommand::Rmi {
+            images,
+            no_prune,
+            store,
+        } => {
             let store = store.open()?;
             for name in &images {
-                let removed = store.remove(name).with_context(|| format!("removing {name}"))?;
+                let removed = store
+                    .remove(name)
+                    .with_context(|| format!("removing {name}"))?;
                 println!("Untagged: {} ({})", removed.name, removed.manifest);
             }
             if !no_prune {
                 let report = store.gc()?;
-                println!("Deleted {} blobs, {} layers, freed {}", report.blobs_removed.len(), report.layers_removed.len(), human(report.bytes_freed));
+                println!(
+                    "Deleted {} blobs, {} layers, freed {}",
+                    report.blobs_removed.len(),
+                    report.layers_removed.len(),
+                    human(report.bytes_freed)
+                );
             }
         }
-        ImageCommand::Image { command: ImageAdmin::Import { path, name, store } } => {
-            for r in store.open()?.import(&path, name.as_deref()).with_context(|| format!("importing {}", path.display()))? {
+        ImageCommand::Image {
+            command: ImageAdmin::Import { path, name, store },
+        } => {
+            for r in store
+                .open()?
+                .import(&path, name.as_deref())
+                .with_context(|| format!("importing {}", path.display()))?
+            {
                 println!("{} {}", r.name, r.manifest);
             }
         }
-        ImageCommand::Image { command: ImageAdmin::Gc { store } } => {
+        ImageCommand::Image {
+            command: ImageAdmin::Gc { store },
+        } => {
             let report = store.open()?.gc()?;
-            println!("Deleted {} blobs, {} layers, freed {}", report.blobs_removed.len(), report.layers_removed.len(), human(report.bytes_freed));
+            println!(
+                "Deleted {} blobs, {} layers, freed {}",
+                report.blobs_removed.len(),
+                report.layers_removed.len(),
+                human(report.bytes_freed)
+            );
         }
-        ImageCommand::Image { command: ImageAdmin::Fsinfo { store } } => {
+        ImageCommand::Image {
+            command: ImageAdmin::Fsinfo { store },
+        } => {
             let store = store.open()?;
             let u = store.fs_usage()?;
             println!("root:       {}", store.root().display());
-            println!("used:       {} ({} bytes)", human(u.used_bytes), u.used_bytes);
+            println!(
+                "used:       {} ({} bytes)",
+                human(u.used_bytes),
+                u.used_bytes
+            );
             println!("inodes:     {}", u.inodes_used);
-            println!("filesystem: {} total, {} available", human(u.fs_total_bytes), human(u.fs_available_bytes));
+            println!(
+                "filesystem: {} total, {} available",
+                human(u.fs_total_bytes),
+                human(u.fs_available_bytes)
+            );
         }
     }
     Ok(())
@@ -169,10 +221,17 @@ impl Progress for Bars {
     fn start(&self, digest: &str, size: u64) {
         let bar = self.multi.add(ProgressBar::new(size));
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").expect("valid template").progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(digest.get(7..19).unwrap_or(digest).to_owned());
-        self.bars.lock().expect("not poisoned").insert(digest.to_owned(), bar);
+        self.bars
+            .lock()
+            .expect("not poisoned")
+            .insert(digest.to_owned(), bar);
     }
     fn advance(&self, digest: &str, bytes: u64) {
         if let Some(bar) = self.bars.lock().expect("not poisoned").get(digest) {
@@ -183,7 +242,10 @@ impl Progress for Bars {
         match self.bars.lock().expect("not poisoned").remove(digest) {
             Some(bar) => bar.finish(),
             None if !downloaded => {
-                let _ = self.multi.println(format!("{} already present", digest.get(7..19).unwrap_or(digest)));
+                let _ = self.multi.println(format!(
+                    "{} already present",
+                    digest.get(7..19).unwrap_or(digest)
+                ));
             }
             None => {}
         }

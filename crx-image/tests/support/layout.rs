@@ -37,12 +37,18 @@ impl Layer {
             h.set_gid(0);
             b.append_data(&mut h, path, *data).unwrap();
         }
-        Layer { tar: b.into_inner().unwrap(), comp }
+        Layer {
+            tar: b.into_inner().unwrap(),
+            comp,
+        }
     }
 
     pub fn busybox() -> Layer {
         let bb = std::fs::read("/bin/busybox").unwrap();
-        Layer::files(&[("bin/busybox", &bb), ("etc/hostname", b"crx\n")], Comp::Gzip)
+        Layer::files(
+            &[("bin/busybox", &bb), ("etc/hostname", b"crx\n")],
+            Comp::Gzip,
+        )
     }
 
     pub fn diff_id(&self) -> String {
@@ -60,7 +66,10 @@ impl Layout {
     pub fn new(dir: &Path) -> Layout {
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        Layout { dir: dir.to_owned(), index: Vec::new() }
+        Layout {
+            dir: dir.to_owned(),
+            index: Vec::new(),
+        }
     }
 
     /// Store a blob, return its descriptor.
@@ -77,11 +86,18 @@ impl Layout {
             let (bytes, mt) = match l.comp {
                 Comp::None => (l.tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
                 Comp::Gzip => {
-                    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    let mut e =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                     e.write_all(&l.tar).unwrap();
-                    (e.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
+                    (
+                        e.finish().unwrap(),
+                        "application/vnd.oci.image.layer.v1.tar+gzip",
+                    )
                 }
-                Comp::Zstd => (zstd::encode_all(&l.tar[..], 1).unwrap(), "application/vnd.oci.image.layer.v1.tar+zstd"),
+                Comp::Zstd => (
+                    zstd::encode_all(&l.tar[..], 1).unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+zstd",
+                ),
             };
             descs.push(self.blob(&bytes, mt));
         }
@@ -90,9 +106,15 @@ impl Layout {
             "config": {"Cmd": ["/bin/busybox", "sh"]},
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(Layer::diff_id).collect::<Vec<_>>()},
         });
-        let config = self.blob(config.to_string().as_bytes(), "application/vnd.oci.image.config.v1+json");
+        let config = self.blob(
+            config.to_string().as_bytes(),
+            "application/vnd.oci.image.config.v1+json",
+        );
         let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": descs});
-        let mut desc = self.blob(manifest.to_string().as_bytes(), "application/vnd.oci.image.manifest.v1+json");
+        let mut desc = self.blob(
+            manifest.to_string().as_bytes(),
+            "application/vnd.oci.image.manifest.v1+json",
+        );
         desc["platform"] = json!({"architecture": arch, "os": "linux"});
         desc
     }
@@ -100,7 +122,10 @@ impl Layout {
     /// Write an image index over `manifests`; return its descriptor.
     pub fn multi(&self, manifests: Vec<Value>) -> Value {
         let idx = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-        self.blob(idx.to_string().as_bytes(), "application/vnd.oci.image.index.v1+json")
+        self.blob(
+            idx.to_string().as_bytes(),
+            "application/vnd.oci.image.index.v1+json",
+        )
     }
 
     /// Name `desc` as `tag` in index.json (rewritten on each call).

@@ -15,14 +15,22 @@ use std::time::{Duration, Instant};
 /// Fail (never skip) when a tool the tests need is missing.
 pub fn require_tools() {
     for tool in ["docker-registry", "skopeo", "umoci"] {
-        let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         assert!(found, "`{tool}` is not installed: run `apt-get install docker-registry skopeo umoci` (setup/apt-packages.txt lists them)");
     }
-    assert!(Path::new("/bin/busybox").is_file(), "/bin/busybox missing: apt-get install busybox-static");
+    assert!(
+        Path::new("/bin/busybox").is_file(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `docker-registry`.
@@ -43,12 +51,21 @@ impl Registry {
             dir.join("data").display()
         );
         if let Some((u, p)) = user {
-            let hash = bcrypt::hash_with_result(p, 5).unwrap().format_for_version(bcrypt::Version::TwoA);
+            let hash = bcrypt::hash_with_result(p, 5)
+                .unwrap()
+                .format_for_version(bcrypt::Version::TwoA);
             std::fs::write(dir.join("htpasswd"), format!("{u}:{hash}\n")).unwrap();
-            config += &format!("auth:\n  htpasswd:\n    realm: crx-test\n    path: {}\n", dir.join("htpasswd").display());
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: crx-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            );
         }
         std::fs::write(dir.join("config.yml"), config).unwrap();
-        let mut reg = Registry { port, dir: dir.to_owned(), child: None };
+        let mut reg = Registry {
+            port,
+            dir: dir.to_owned(),
+            child: None,
+        };
         reg.restart();
         reg
     }
@@ -63,7 +80,11 @@ impl Registry {
 
     /// (Re)start the process on the same port, storage and log (appended).
     pub fn restart(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.dir.join("config.yml"))
@@ -75,7 +96,11 @@ impl Registry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while http_status(&self.addr(), "/v2/").is_none() {
-            assert!(Instant::now() < deadline, "docker-registry did not come up; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -95,13 +120,20 @@ impl Registry {
     /// GET requests the registry answered for blob `digest` (any repository), from its access log.
     pub fn blob_gets(&self, digest: &str) -> usize {
         let needle = format!("/blobs/{digest} HTTP/1.1\"");
-        self.log().lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&needle)).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&needle))
+            .count()
     }
 
     /// The registry's own file for blob `digest`.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir.join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+        self.dir
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     /// Push `oci:<layout>:<tag>` as `<repo>:<tag>` (all platforms) with skopeo.
@@ -111,9 +143,14 @@ impl Registry {
         if let Some((u, p)) = creds {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
-        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo}:{tag}", self.addr()));
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}:{tag}", self.addr()));
         let out = cmd.output().expect("run skopeo");
-        assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -125,13 +162,21 @@ impl Drop for Registry {
 
 /// Raw manifest of `repo` at `reference` (tag or digest), as the registry serves it.
 pub fn manifest_raw(reg: &Registry, repo: &str, reference: &str) -> Vec<u8> {
-    let sep = if reference.starts_with("sha256:") { "@" } else { ":" };
+    let sep = if reference.starts_with("sha256:") {
+        "@"
+    } else {
+        ":"
+    };
     let out = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{}/{repo}{sep}{reference}", reg.addr()))
         .output()
         .expect("run skopeo");
-    assert!(out.status.success(), "skopeo inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skopeo inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 

@@ -14,7 +14,9 @@ pub async fn throttled(upstream: String, bytes_per_sec: usize) -> String {
         while let Ok((client, _)) = listener.accept().await {
             let upstream = upstream.clone();
             tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(&upstream).await else { return };
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
                 let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
