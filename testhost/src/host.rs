@@ -55,7 +55,7 @@ impl TestHost {
 
     /// The agent's status, with a `/dev/kvm` probe in the L1.
     pub fn status(&self) -> Result<Status, Error> {
-        client::ping(self.current().port, true, self.settings.hang_timeout)
+        client::ping(&self.current().agent, true, self.settings.hang_timeout)
     }
 
     /// Runs `cmd` in the test host; its output is captured.
@@ -89,7 +89,7 @@ impl TestHost {
     pub fn run_with(&self, cmd: &Invocation, sink: &mut dyn FnMut(Stream, &[u8])) -> Result<ExitStatus, Error> {
         let request = cmd.to_request()?;
         let instance = self.current();
-        let lost = match client::run(instance.port, request.clone(), self.settings.hang_timeout, sink) {
+        let lost = match client::run(&instance.agent, request.clone(), self.settings.hang_timeout, sink) {
             Ok(status) => return Ok(status),
             Err(RunError::Failed(e)) => return Err(e),
             Err(RunError::Lost { error, started }) => {
@@ -107,15 +107,15 @@ impl TestHost {
             let lock = lock_run_dir(&self.settings)?;
             lifecycle::ensure(&self.settings, &lock)?
         };
-        *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
-        client::run(fresh.port, request, self.settings.hang_timeout, sink).map_err(|e| match e {
+        *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        client::run(&fresh.agent, request, self.settings.hang_timeout, sink).map_err(|e| match e {
             RunError::Failed(e) => e,
             RunError::Lost { error, .. } => Error::Unresponsive(format!("{error} (after a retry; first: {lost})")),
         })
     }
 
     fn current(&self) -> Instance {
-        *self.instance.lock().unwrap_or_else(|e| e.into_inner())
+        self.instance.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

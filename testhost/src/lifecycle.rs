@@ -1,10 +1,12 @@
 //! Starting, checking, replacing and stopping the run's L1, under the run dir's lock.
 //!
-//! The run dir (`<target>/testhost/`) holds `state.json` (QEMU pid and forwarded port), the
-//! `l1.conf` the L1's /init reads, the agent copy, `serial.log`, `qemu.log`, the monitor socket,
+//! The run dir (`<target>/testhost/`) holds `state.json` (QEMU pid, forwarded port, agent token),
+//! the `l1.conf` the L1's /init reads (both readable by this user only), the agent copy, `serial.log`, `qemu.log`, the monitor socket,
 //! and `hang-*.txt` register dumps of L1s that stopped answering.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use crate::qemu::{self, Launch, Share, QEMU_LOG, SERIAL_LOG};
 use crate::run_lock::RunLock;
 use crate::settings::Settings;
 use crate::assets::{self, Assets};
+use crate::client::Endpoint;
 use crate::{agent_binary, client};
 
 /// How long a running L1's agent gets to answer a health check (at most the hang timeout).
@@ -26,10 +29,10 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 const EXTRA_MODULES: &str = "tun vhost_net vhost_vsock bridge veth br_netfilter loop";
 
 /// The running L1, as recorded in `state.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub pid: u32,
-    pub port: u16,
+    pub agent: Endpoint,
 }
 
 /// Returns a healthy L1: the recorded one if it answers, else a fresh one (a hung one is dumped
@@ -38,14 +41,14 @@ pub fn ensure(settings: &Settings, _lock: &RunLock) -> Result<Instance, Error> {
     let run_dir = &settings.run_dir;
     if let Some(instance) = read_state(run_dir)? {
         if qemu::is_running(instance.pid, run_dir) {
-            match client::ping(instance.port, false, health_timeout(settings)) {
+            match client::ping(&instance.agent, false, health_timeout(settings)) {
                 Ok(status) if status.protocol == PROTOCOL_VERSION => return Ok(instance),
                 Ok(status) => {
                     tracing::info!(
                         "the running test host speaks protocol {} (this library: {PROTOCOL_VERSION}); replacing it",
                         status.protocol
                     );
-                    stop_instance(instance, settings);
+                    stop_instance(&instance, settings);
                 }
                 Err(e) => {
                     let dump = qemu::dump_hung(run_dir);
@@ -82,9 +85,9 @@ pub fn running(settings: &Settings, _lock: &RunLock) -> Result<Option<RunningHos
     }
     Ok(Some(RunningHost {
         qemu_pid: instance.pid,
-        port: instance.port,
+        port: instance.agent.port,
         run_dir: settings.run_dir.clone(),
-        status: client::ping(instance.port, true, health_timeout(settings)),
+        status: client::ping(&instance.agent, true, health_timeout(settings)),
     }))
 }
 
@@ -96,7 +99,7 @@ pub fn stop(settings: &Settings, _lock: &RunLock) -> Result<bool, Error> {
     };
     let was_running = qemu::is_running(instance.pid, run_dir);
     if was_running {
-        stop_instance(instance, settings);
+        stop_instance(&instance, settings);
     }
     let state = run_dir.join(STATE);
     std::fs::remove_file(&state).map_err(Error::io("cannot remove", &state))?;
@@ -104,9 +107,9 @@ pub fn stop(settings: &Settings, _lock: &RunLock) -> Result<bool, Error> {
 }
 
 /// Asks the agent to power off; kills QEMU if that does not work within 30 s.
-fn stop_instance(instance: Instance, settings: &Settings) {
+fn stop_instance(instance: &Instance, settings: &Settings) {
     let run_dir = &settings.run_dir;
-    match client::shutdown(instance.port, health_timeout(settings)) {
+    match client::shutdown(&instance.agent, health_timeout(settings)) {
         Ok(()) if qemu::wait_gone(instance.pid, run_dir, Duration::from_secs(30)) => {}
         Ok(()) => {
             tracing::warn!(pid = instance.pid, "the test host did not power off in 30 s; killing it");
@@ -129,18 +132,19 @@ fn start(settings: &Settings) -> Result<Instance, Error> {
     let assets = assets::ensure(&settings.assets_cache)?;
     let agent = agent_binary::install(&agent_binary::locate(settings)?, run_dir)?;
     let shares = shares(&settings.writable_paths)?;
-    write_l1_conf(settings, &agent, &assets.modules, &shares)?;
+    let token = new_token()?;
+    write_l1_conf(settings, &agent, &token, &assets.modules, &shares)?;
 
-    let first = match boot(settings, &assets, &shares) {
+    let first = match boot(settings, &assets, &shares, &token) {
         Ok(instance) => return Ok(instance),
         Err(e) => e,
     };
     tracing::warn!("the test host did not come up ({first}); trying once more");
-    boot(settings, &assets, &shares).map_err(|second| Error::Start(format!("{second}\n(the first attempt: {first})")))
+    boot(settings, &assets, &shares, &token).map_err(|second| Error::Start(format!("{second}\n(the first attempt: {first})")))
 }
 
 /// Boots one L1 and waits for it; a failed one is dumped and killed.
-fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instance, Error> {
+fn boot(settings: &Settings, assets: &Assets, shares: &[Share], token: &str) -> Result<Instance, Error> {
     let run_dir = &settings.run_dir;
     let started = Instant::now();
     let port = free_port()?;
@@ -154,9 +158,15 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instan
         shares,
     };
     let mut qemu = launch.spawn()?;
-    let instance = Instance { pid: qemu.id(), port };
-    write_state(run_dir, instance)?;
-    match wait_ready(&mut qemu, instance, settings) {
+    let instance = Instance {
+        pid: qemu.id(),
+        agent: Endpoint {
+            port,
+            token: token.to_owned(),
+        },
+    };
+    write_state(run_dir, &instance)?;
+    match wait_ready(&mut qemu, &instance, settings) {
         Ok(status) => {
             tracing::info!(
                 pid = instance.pid,
@@ -180,7 +190,7 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share]) -> Result<Instan
 }
 
 /// Waits for the agent to answer and checks that the L1 has standard KVM.
-fn wait_ready(qemu: &mut Child, instance: Instance, settings: &Settings) -> Result<Status, Error> {
+fn wait_ready(qemu: &mut Child, instance: &Instance, settings: &Settings) -> Result<Status, Error> {
     let run_dir = &settings.run_dir;
     let deadline = Instant::now() + settings.boot_timeout;
     loop {
@@ -191,7 +201,7 @@ fn wait_ready(qemu: &mut Child, instance: Instance, settings: &Settings) -> Resu
                 qemu::log_tail(run_dir, SERIAL_LOG, 4000)
             )));
         }
-        match client::ping(instance.port, true, Duration::from_secs(10)) {
+        match client::ping(&instance.agent, true, Duration::from_secs(10)) {
             Ok(status) if status.kvm.as_deref() == Some("Standard") => return Ok(status),
             Ok(status) => {
                 return Err(Error::Start(format!(
@@ -238,17 +248,16 @@ const L1_CONF: &str = "l1.conf";
 const STATE: &str = "state.json";
 
 /// Writes the file the L1's /init sources (see assets/init.sh).
-fn write_l1_conf(settings: &Settings, agent: &Path, modules: &Path, shares: &[Share]) -> Result<(), Error> {
+fn write_l1_conf(settings: &Settings, agent: &Path, token: &str, modules: &Path, shares: &[Share]) -> Result<(), Error> {
     let rw_shares: Vec<String> = shares.iter().map(|s| format!("{}={}", s.tag, s.path.display())).collect();
     let conf = format!(
-        "AGENT={agent}\nAGENT_ARGS=\"--listen 0.0.0.0:{AGENT_PORT} --idle-secs {idle}\"\nRW_SHARES=\"{shares}\"\nMODULES_DIR={modules}\nEXTRA_MODULES=\"{EXTRA_MODULES}\"\n",
+        "AGENT={agent}\nAGENT_ARGS=\"--listen 0.0.0.0:{AGENT_PORT} --idle-secs {idle} --token {token}\"\nRW_SHARES=\"{shares}\"\nMODULES_DIR={modules}\nEXTRA_MODULES=\"{EXTRA_MODULES}\"\n",
         agent = agent.display(),
         idle = settings.idle_shutdown.as_secs(),
         shares = rw_shares.join(" "),
         modules = modules.display(),
     );
-    let path = settings.run_dir.join(L1_CONF);
-    std::fs::write(&path, conf).map_err(Error::io("cannot write", &path))
+    write_private(&settings.run_dir.join(L1_CONF), conf.as_bytes())
 }
 
 fn read_state(run_dir: &Path) -> Result<Option<Instance>, Error> {
@@ -260,12 +269,34 @@ fn read_state(run_dir: &Path) -> Result<Option<Instance>, Error> {
     }
 }
 
-fn write_state(run_dir: &Path, instance: Instance) -> Result<(), Error> {
-    let path = run_dir.join(STATE);
-    let partial = run_dir.join(format!("{STATE}.partial"));
-    let json = serde_json::to_vec(&instance).expect("plain numbers serialize");
-    std::fs::write(&partial, json).map_err(Error::io("cannot write", &partial))?;
-    std::fs::rename(&partial, &path).map_err(Error::io("cannot write", &path))
+fn write_state(run_dir: &Path, instance: &Instance) -> Result<(), Error> {
+    let json = serde_json::to_vec(instance).expect("numbers and strings serialize");
+    write_private(&run_dir.join(STATE), &json)
+}
+
+/// Replaces `path` with `bytes`, readable and writable by this user only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(Error::io("cannot create", &partial))?;
+    file.write_all(bytes).map_err(Error::io("cannot write", &partial))?;
+    std::fs::rename(&partial, path).map_err(Error::io("cannot write", path))
+}
+
+/// A fresh secret for the agent: 128 random bits, hex.
+fn new_token() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .map_err(Error::io("cannot read", "/dev/urandom"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A localhost port nobody listens on now (QEMU binds it a moment later).

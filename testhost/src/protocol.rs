@@ -1,7 +1,8 @@
 //! The wire protocol between this library (on the machine) and `crx-testhost-agent` (in the L1).
 //!
 //! One TCP connection per request. Every message is a frame: a tag byte, a big-endian `u32`
-//! payload length, the payload. The client sends one [`Request`] frame; the agent answers a ping
+//! payload length, the payload. The client sends one [`Request`] frame with the L1's token (a
+//! secret in the run dir, so other local users cannot use the forwarded port); the agent answers a ping
 //! with one [`Reply::Pong`], a shutdown with [`Reply::ShuttingDown`], and a run with a stream of
 //! [`Reply::Stdout`], [`Reply::Stderr`] and [`Reply::Heartbeat`] frames ended by one
 //! [`Reply::Exit`] or [`Reply::Failure`]. A client that closes its connection early makes the agent
@@ -13,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever frames or their payloads change; an agent of another version is replaced.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The port the agent listens on inside the L1 (QEMU forwards a host port to it).
 pub const AGENT_PORT: u16 = 7070;
 /// How often the agent sends [`Reply::Heartbeat`] while a command is quiet.
@@ -80,14 +81,29 @@ mod tag {
     pub const SHUTTING_DOWN: u8 = b's';
 }
 
+/// A request with the token that authorizes it.
+#[derive(Serialize, Deserialize)]
+struct RequestFrame {
+    token: String,
+    request: Request,
+}
+
 impl Request {
-    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        write_frame(w, tag::REQUEST, &serde_json::to_vec(self)?)
+    pub fn write_to(self, token: &str, w: &mut impl Write) -> io::Result<()> {
+        let frame = RequestFrame {
+            token: token.to_owned(),
+            request: self,
+        };
+        write_frame(w, tag::REQUEST, &serde_json::to_vec(&frame)?)
     }
 
-    pub fn read_from(r: &mut impl Read) -> io::Result<Request> {
+    /// Reads a request; returns it with the token it came with.
+    pub fn read_from(r: &mut impl Read) -> io::Result<(String, Request)> {
         match read_frame(r)? {
-            Some((tag::REQUEST, payload)) => Ok(serde_json::from_slice(&payload)?),
+            Some((tag::REQUEST, payload)) => {
+                let frame: RequestFrame = serde_json::from_slice(&payload)?;
+                Ok((frame.token, frame.request))
+            }
             Some((other, _)) => Err(invalid(format!("expected a request frame, got tag {other}"))),
             None => Err(io::ErrorKind::UnexpectedEof.into()),
         }
@@ -193,10 +209,11 @@ mod tests {
             cwd: b"/tmp".to_vec(),
             env: vec![(b"K".to_vec(), b"V".to_vec())],
         });
-        request.write_to(&mut wire).unwrap();
-        let Request::Run(run) = Request::read_from(&mut wire.as_slice()).unwrap() else {
+        request.write_to("secret", &mut wire).unwrap();
+        let (token, Request::Run(run)) = Request::read_from(&mut wire.as_slice()).unwrap() else {
             panic!("not a run request");
         };
+        assert_eq!(token, "secret");
         assert_eq!(run.argv[1], vec![0xff, 0xfe]);
     }
 

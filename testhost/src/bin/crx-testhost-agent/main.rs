@@ -1,6 +1,6 @@
 //! `crx-testhost-agent`: the test host's command agent, exec'd by the L1's /init as PID 1.
 //!
-//! `crx-testhost-agent --listen ADDR --idle-secs N`. As PID 1 it only supervises (see
+//! `crx-testhost-agent --listen ADDR --idle-secs N --token SECRET`. As PID 1 it only supervises (see
 //! [`supervisor`]); its child serves requests (see [`server`]) and exits after N idle seconds,
 //! which powers the L1 off.
 
@@ -15,11 +15,14 @@ use std::time::Duration;
 struct Args {
     listen: SocketAddr,
     idle: Duration,
+    /// Requests without this token are refused.
+    token: String,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut idle = None;
+    let mut token = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -28,12 +31,14 @@ fn parse_args() -> Result<Args, String> {
             "--idle-secs" => {
                 idle = Some(Duration::from_secs(value()?.parse().map_err(|e| format!("--idle-secs: {e}"))?));
             }
+            "--token" => token = Some(value()?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Args {
         listen: listen.ok_or("--listen is required")?,
         idle: idle.ok_or("--idle-secs is required")?,
+        token: token.ok_or("--token is required")?,
     })
 }
 
@@ -48,14 +53,14 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            tracing::error!("{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N");
+            tracing::error!("{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N --token SECRET");
             std::process::exit(2);
         }
     };
     if std::process::id() == 1 {
         supervisor::run();
     }
-    if let Err(e) = server::serve(args.listen, args.idle) {
+    if let Err(e) = server::serve(args.listen, args.idle, args.token) {
         tracing::error!("cannot serve on {}: {e}", args.listen);
         std::process::exit(1);
     }

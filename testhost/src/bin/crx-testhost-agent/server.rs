@@ -13,6 +13,7 @@ use crate::command;
 
 /// When the agent last had something to do, and how much it has now.
 pub struct Activity {
+    token: String,
     started: Instant,
     idle_limit: Duration,
     last_request: Mutex<Instant>,
@@ -47,9 +48,10 @@ impl Drop for CommandGuard {
     }
 }
 
-pub fn serve(listen: SocketAddr, idle_limit: Duration) -> io::Result<()> {
+pub fn serve(listen: SocketAddr, idle_limit: Duration, token: String) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     let activity = Arc::new(Activity {
+        token,
         started: Instant::now(),
         idle_limit,
         last_request: Mutex::new(Instant::now()),
@@ -91,8 +93,12 @@ fn exit_when_idle(activity: &Activity) {
 fn handle(mut stream: TcpStream, activity: &Arc<Activity>) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let request = Request::read_from(&mut stream)?;
+    let (token, request) = Request::read_from(&mut stream)?;
     stream.set_read_timeout(None)?;
+    if token != activity.token {
+        tracing::warn!("refused a request with a wrong token");
+        return Reply::Failure("wrong token".into()).write_to(&mut stream);
+    }
     match request {
         Request::Ping { probe_kvm } => Reply::Pong(status(activity, probe_kvm)).write_to(&mut stream),
         Request::Shutdown => {
