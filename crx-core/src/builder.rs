@@ -26,8 +26,15 @@ use crate::{CpuTemplate, Error};
 
 /// The command line CRX boots with unless told otherwise: console on COM1 only, reset through
 /// the i8042, reboot at once on panic, no PCI or ACPI probing.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off nomodule \
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off \
      8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check";
+
+/// Where setup installs the default guest (`vmlinux`, `initrd.cpio`); CRX_GUEST_DIR overrides it.
+pub fn default_guest_dir() -> PathBuf {
+    std::env::var_os("CRX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/share/crx/guest"))
+}
 
 /// Where the guest console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

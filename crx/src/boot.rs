@@ -7,9 +7,6 @@ use std::time::Instant;
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
 
-/// Where setup installs the default guest (override with CRX_GUEST_DIR).
-const DEFAULT_GUEST_DIR: &str = "/usr/local/share/crx/guest";
-
 #[derive(clap::Args)]
 pub struct BootArgs {
     /// Kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [default: the default guest's vmlinux]
@@ -36,18 +33,12 @@ pub struct BootArgs {
     command: Vec<String>,
 }
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CRX_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR))
-}
-
 /// Boots, waits, prints how the guest ended; returns the process exit code.
 pub fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
         None => {
-            let dir = guest_dir();
+            let dir = crx_core::builder::default_guest_dir();
             let kernel = dir.join("vmlinux");
             anyhow::ensure!(
                 kernel.exists(),

@@ -1,6 +1,7 @@
 //! `crx`: the operator's command line for CRX microVMs.
 
 mod boot;
+mod image;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Boot a guest kernel straight into its init and wait for it to end.
     Boot(boot::BootArgs),
+    #[command(flatten)]
+    Image(image::ImageCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +31,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let code = match Cli::parse().command {
         Command::Boot(args) => boot::run(args, launch)?,
+        Command::Image(cmd) => {
+            image::run(cmd)?;
+            0
+        }
     };
     std::process::exit(code)
 }
