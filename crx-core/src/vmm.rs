@@ -25,7 +25,8 @@ pub enum VmExit {
     PowerOff,
     /// The guest kernel panicked; the message is the console's panic line.
     Panic { message: String },
-    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN).
+    /// A vCPU hit a triple fault (KVM_EXIT_SHUTDOWN). The RIP is the faulting one on Intel; AMD
+    /// resets the vCPU on the shutdown intercept, so there it reads as the reset vector.
     TripleFault { vcpu: u8, rip: u64 },
     /// KVM could not emulate an instruction.
     EmulationFailure { vcpu: u8, rip: u64 },
