@@ -34,7 +34,7 @@ pub struct Assets {
 impl Assets {
     fn in_dir(dir: PathBuf) -> Assets {
         Assets {
-            kernel: dir.join("vmlinuz"),
+            kernel: dir.join("vmlinux"),
             initramfs: dir.join("initramfs.cpio"),
             modules: dir.join("modules"),
         }

@@ -67,7 +67,8 @@ impl Launch<'_> {
             "-netdev".into(),
             format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{AGENT_PORT}", self.host_port),
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            // No option ROM: iPXE would only slow the firmware down.
+            "virtio-net-pci,netdev=net0,romfile=".into(),
             "-fsdev".into(),
             "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap".into(),
             "-device".into(),
