@@ -19,16 +19,30 @@ pub fn locate(settings: &Settings) -> Result<PathBuf, Error> {
         return if path.is_file() {
             Ok(path.clone())
         } else {
-            Err(Error::Agent(format!("CRX_TESTHOST_AGENT={} is not a file", path.display())))
+            Err(Error::Agent(format!(
+                "CRX_TESTHOST_AGENT={} is not a file",
+                path.display()
+            )))
         };
     }
     let agent_target = settings.target_dir.join("testhost-agent");
     let built = agent_target.join("release").join(AGENT);
     // Under cargo (tests, xtask) CARGO names the cargo that runs us.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    tracing::info!("bringing {AGENT} up to date (cargo build --release in {})", agent_target.display());
+    tracing::info!(
+        "bringing {AGENT} up to date (cargo build --release in {})",
+        agent_target.display()
+    );
     let output = Command::new(&cargo)
-        .args(["build", "--quiet", "--release", "--package", "crx-testhost", "--bin", AGENT])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "crx-testhost",
+            "--bin",
+            AGENT,
+        ])
         .arg("--manifest-path")
         .arg(settings.workspace_root.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &agent_target)
@@ -41,7 +55,10 @@ pub fn locate(settings: &Settings) -> Result<PathBuf, Error> {
             String::from_utf8_lossy(&output.stderr).trim()
         ))),
         Err(e) if built.is_file() => {
-            tracing::warn!("cannot run cargo ({e}); using the existing {}", built.display());
+            tracing::warn!(
+                "cannot run cargo ({e}); using the existing {}",
+                built.display()
+            );
             Ok(built)
         }
         Err(e) => Err(Error::Agent(format!(
@@ -57,6 +74,7 @@ pub fn install(agent: &Path, run_dir: &Path) -> Result<PathBuf, Error> {
     let installed = run_dir.join(AGENT);
     let partial = run_dir.join(format!("{AGENT}.partial"));
     std::fs::copy(agent, &partial).map_err(Error::io("cannot copy the agent", &partial))?;
-    std::fs::rename(&partial, &installed).map_err(Error::io("cannot install the agent", &installed))?;
+    std::fs::rename(&partial, &installed)
+        .map_err(Error::io("cannot install the agent", &installed))?;
     Ok(installed)
 }

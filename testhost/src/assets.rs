@@ -17,7 +17,14 @@ const BUILD_SCRIPT: &str = include_str!("../assets/build-l1.sh");
 const INIT_SCRIPT: &str = include_str!("../assets/init.sh");
 
 /// Modules the initramfs loads before the root is mounted (their dependencies come along).
-const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay", "kvm_amd"];
+const BOOT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "kvm_amd",
+];
 
 /// Marker written last into a complete asset directory.
 const COMPLETE: &str = "complete";
@@ -45,7 +52,11 @@ impl Assets {
 pub fn ensure(cache: &Path) -> Result<Assets, Error> {
     let inputs = script(&["inputs"])?;
     let inputs = inputs.trim();
-    let kernel_package = inputs.split_whitespace().next().unwrap_or_default().to_owned();
+    let kernel_package = inputs
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let dir = cache.join(input_hash(inputs));
     if dir.join(COMPLETE).exists() {
         return Ok(Assets::in_dir(dir));
@@ -60,10 +71,16 @@ pub fn ensure(cache: &Path) -> Result<Assets, Error> {
     let init = staging.join("init.sh");
     std::fs::write(&init, INIT_SCRIPT).map_err(Error::io("cannot write", &init))?;
 
-    let mut args: Vec<&str> = vec!["build", path_str(&staging)?, &kernel_package, path_str(&init)?];
+    let mut args: Vec<&str> = vec![
+        "build",
+        path_str(&staging)?,
+        &kernel_package,
+        path_str(&init)?,
+    ];
     args.extend(BOOT_MODULES);
     script(&args)?;
-    std::fs::write(staging.join(COMPLETE), inputs).map_err(Error::io("cannot write", staging.join(COMPLETE)))?;
+    std::fs::write(staging.join(COMPLETE), inputs)
+        .map_err(Error::io("cannot write", staging.join(COMPLETE)))?;
     if let Err(e) = std::fs::rename(&staging, &dir) {
         // Someone else finished the same assets first: theirs are as good.
         let _ = std::fs::remove_dir_all(&staging);
@@ -80,10 +97,12 @@ fn input_hash(inputs: &str) -> String {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
-    hasher.finalize()[..8].iter().fold(String::new(), |mut hex, byte| {
-        let _ = write!(hex, "{byte:02x}");
-        hex
-    })
+    hasher.finalize()[..8]
+        .iter()
+        .fold(String::new(), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
 }
 
 /// Runs build-l1.sh with `args`; returns its stdout.
@@ -103,7 +122,8 @@ fn script(args: &[&str]) -> Result<String, Error> {
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    String::from_utf8(output.stdout).map_err(|e| Error::Assets(format!("build-l1.sh printed non-UTF-8: {e}")))
+    String::from_utf8(output.stdout)
+        .map_err(|e| Error::Assets(format!("build-l1.sh printed non-UTF-8: {e}")))
 }
 
 fn path_str(path: &Path) -> Result<&str, Error> {

@@ -42,12 +42,16 @@ fn unresponsive(what: &str, port: u16) -> impl FnOnce(io::Error) -> Error + '_ {
 pub fn ping(agent: &Endpoint, probe_kvm: bool, timeout: Duration) -> Result<Status, Error> {
     let port = agent.port;
     let mut stream = connect(port, timeout).map_err(unresponsive("ping", port))?;
-    Request::Ping { probe_kvm }.write_to(&agent.token, &mut stream).map_err(unresponsive("ping", port))?;
+    Request::Ping { probe_kvm }
+        .write_to(&agent.token, &mut stream)
+        .map_err(unresponsive("ping", port))?;
     match Reply::read_from(&mut stream).map_err(unresponsive("ping", port))? {
         Some(Reply::Pong(status)) => Ok(status),
         Some(Reply::Failure(message)) => Err(Error::Protocol(message)),
         Some(other) => Err(Error::Protocol(format!("answered a ping with {other:?}"))),
-        None => Err(Error::Unresponsive(format!("ping via 127.0.0.1:{port}: connection closed"))),
+        None => Err(Error::Unresponsive(format!(
+            "ping via 127.0.0.1:{port}: connection closed"
+        ))),
     }
 }
 
@@ -55,12 +59,18 @@ pub fn ping(agent: &Endpoint, probe_kvm: bool, timeout: Duration) -> Result<Stat
 pub fn shutdown(agent: &Endpoint, timeout: Duration) -> Result<(), Error> {
     let port = agent.port;
     let mut stream = connect(port, timeout).map_err(unresponsive("shutdown", port))?;
-    Request::Shutdown.write_to(&agent.token, &mut stream).map_err(unresponsive("shutdown", port))?;
+    Request::Shutdown
+        .write_to(&agent.token, &mut stream)
+        .map_err(unresponsive("shutdown", port))?;
     match Reply::read_from(&mut stream).map_err(unresponsive("shutdown", port))? {
         Some(Reply::ShuttingDown) => Ok(()),
         Some(Reply::Failure(message)) => Err(Error::Protocol(message)),
-        Some(other) => Err(Error::Protocol(format!("answered a shutdown with {other:?}"))),
-        None => Err(Error::Unresponsive(format!("shutdown via 127.0.0.1:{port}: connection closed"))),
+        Some(other) => Err(Error::Protocol(format!(
+            "answered a shutdown with {other:?}"
+        ))),
+        None => Err(Error::Unresponsive(format!(
+            "shutdown via 127.0.0.1:{port}: connection closed"
+        ))),
     }
 }
 
@@ -80,11 +90,19 @@ pub fn run(
     hang_timeout: Duration,
     sink: &mut dyn FnMut(Stream, &[u8]),
 ) -> Result<ExitStatus, RunError> {
-    let program = String::from_utf8_lossy(request.argv.first().map_or(&[][..], Vec::as_slice)).into_owned();
+    let program =
+        String::from_utf8_lossy(request.argv.first().map_or(&[][..], Vec::as_slice)).into_owned();
     let port = agent.port;
-    let lost = |started: bool| move |e: io::Error| RunError::Lost { error: unresponsive("run", port)(e), started };
+    let lost = |started: bool| {
+        move |e: io::Error| RunError::Lost {
+            error: unresponsive("run", port)(e),
+            started,
+        }
+    };
     let mut stream = connect(port, hang_timeout).map_err(lost(false))?;
-    Request::Run(request).write_to(&agent.token, &mut stream).map_err(lost(false))?;
+    Request::Run(request)
+        .write_to(&agent.token, &mut stream)
+        .map_err(lost(false))?;
     let mut started = false;
     loop {
         match Reply::read_from(&mut stream).map_err(lost(started))? {
@@ -92,13 +110,19 @@ pub fn run(
             Some(Reply::Stderr(bytes)) => sink(Stream::Stderr, &bytes),
             Some(Reply::Heartbeat) => {}
             Some(Reply::Exit(raw)) => return Ok(ExitStatus::from_raw(raw)),
-            Some(Reply::Failure(message)) => return Err(RunError::Failed(Error::Spawn { program, message })),
+            Some(Reply::Failure(message)) => {
+                return Err(RunError::Failed(Error::Spawn { program, message }))
+            }
             Some(other) => {
-                return Err(RunError::Failed(Error::Protocol(format!("answered a run with {other:?}"))));
+                return Err(RunError::Failed(Error::Protocol(format!(
+                    "answered a run with {other:?}"
+                ))));
             }
             None => {
                 return Err(RunError::Lost {
-                    error: Error::Unresponsive(format!("run via 127.0.0.1:{port}: connection closed before the exit status")),
+                    error: Error::Unresponsive(format!(
+                        "run via 127.0.0.1:{port}: connection closed before the exit status"
+                    )),
                     started,
                 });
             }

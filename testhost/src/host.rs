@@ -66,7 +66,11 @@ impl TestHost {
             Stream::Stdout => stdout.extend_from_slice(bytes),
             Stream::Stderr => stderr.extend_from_slice(bytes),
         })?;
-        Ok(Output { status, stdout, stderr })
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
     }
 
     /// Runs `cmd` in the test host, writing its output to this process's stdout and stderr as it
@@ -86,14 +90,26 @@ impl TestHost {
     /// If the L1 stops answering (no output or heartbeat for `CRX_TESTHOST_HANG_SECS`), its
     /// registers are dumped into the run dir, it is replaced by a fresh one and `cmd` runs once
     /// more there.
-    pub fn run_with(&self, cmd: &Invocation, sink: &mut dyn FnMut(Stream, &[u8])) -> Result<ExitStatus, Error> {
+    pub fn run_with(
+        &self,
+        cmd: &Invocation,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, Error> {
         let request = cmd.to_request()?;
         let instance = self.current();
-        let lost = match client::run(&instance.agent, request.clone(), self.settings.hang_timeout, sink) {
+        let lost = match client::run(
+            &instance.agent,
+            request.clone(),
+            self.settings.hang_timeout,
+            sink,
+        ) {
             Ok(status) => return Ok(status),
             Err(RunError::Failed(e)) => return Err(e),
             Err(RunError::Lost { error, started }) => {
-                tracing::warn!("lost the test host while running {}: {error}", cmd.program());
+                tracing::warn!(
+                    "lost the test host while running {}: {error}",
+                    cmd.program()
+                );
                 if started {
                     sink(
                         Stream::Stderr,
@@ -110,17 +126,23 @@ impl TestHost {
         *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
         client::run(&fresh.agent, request, self.settings.hang_timeout, sink).map_err(|e| match e {
             RunError::Failed(e) => e,
-            RunError::Lost { error, .. } => Error::Unresponsive(format!("{error} (after a retry; first: {lost})")),
+            RunError::Lost { error, .. } => {
+                Error::Unresponsive(format!("{error} (after a retry; first: {lost})"))
+            }
         })
     }
 
     fn current(&self) -> Instance {
-        self.instance.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.instance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 fn lock_run_dir(settings: &Settings) -> Result<RunLock, Error> {
-    std::fs::create_dir_all(&settings.run_dir).map_err(Error::io("cannot create the run dir", &settings.run_dir))?;
+    std::fs::create_dir_all(&settings.run_dir)
+        .map_err(Error::io("cannot create the run dir", &settings.run_dir))?;
     RunLock::acquire(&settings.run_dir)
 }
 

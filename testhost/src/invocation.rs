@@ -46,13 +46,16 @@ impl Invocation {
         K: Into<OsString>,
         V: Into<OsString>,
     {
-        self.env.extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self.env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
         self
     }
 
     /// The program, for messages.
     pub fn program(&self) -> String {
-        self.argv.first().map_or_else(String::new, |p| p.to_string_lossy().into_owned())
+        self.argv
+            .first()
+            .map_or_else(String::new, |p| p.to_string_lossy().into_owned())
     }
 
     pub(crate) fn to_request(&self) -> Result<RunRequest, Error> {
@@ -64,7 +67,8 @@ impl Invocation {
         }
         let cwd = match &self.cwd {
             Some(dir) => dir.clone(),
-            None => std::env::current_dir().map_err(Error::io("cannot read the current directory", "."))?,
+            None => std::env::current_dir()
+                .map_err(Error::io("cannot read the current directory", "."))?,
         };
         let bytes = |s: &OsString| s.as_bytes().to_vec();
         Ok(RunRequest {

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::assets::{self, Assets};
+use crate::client::Endpoint;
 use crate::error::Error;
 use crate::protocol::{Status, AGENT_PORT, PROTOCOL_VERSION};
 use crate::qemu::{self, Launch, Share, QEMU_LOG, SERIAL_LOG};
 use crate::run_lock::RunLock;
 use crate::settings::Settings;
-use crate::assets::{self, Assets};
-use crate::client::Endpoint;
 use crate::{agent_binary, client};
 
 /// How long a running L1's agent gets to answer a health check (at most the hang timeout).
@@ -112,11 +112,17 @@ fn stop_instance(instance: &Instance, settings: &Settings) {
     match client::shutdown(&instance.agent, health_timeout(settings)) {
         Ok(()) if qemu::wait_gone(instance.pid, run_dir, Duration::from_secs(30)) => {}
         Ok(()) => {
-            tracing::warn!(pid = instance.pid, "the test host did not power off in 30 s; killing it");
+            tracing::warn!(
+                pid = instance.pid,
+                "the test host did not power off in 30 s; killing it"
+            );
             qemu::kill(instance.pid, run_dir);
         }
         Err(e) => {
-            tracing::warn!(pid = instance.pid, "cannot ask the test host to power off ({e}); killing it");
+            tracing::warn!(
+                pid = instance.pid,
+                "cannot ask the test host to power off ({e}); killing it"
+            );
             qemu::kill(instance.pid, run_dir);
         }
     }
@@ -140,11 +146,17 @@ fn start(settings: &Settings) -> Result<Instance, Error> {
         Err(e) => e,
     };
     tracing::warn!("the test host did not come up ({first}); trying once more");
-    boot(settings, &assets, &shares, &token).map_err(|second| Error::Start(format!("{second}\n(the first attempt: {first})")))
+    boot(settings, &assets, &shares, &token)
+        .map_err(|second| Error::Start(format!("{second}\n(the first attempt: {first})")))
 }
 
 /// Boots one L1 and waits for it; a failed one is dumped and killed.
-fn boot(settings: &Settings, assets: &Assets, shares: &[Share], token: &str) -> Result<Instance, Error> {
+fn boot(
+    settings: &Settings,
+    assets: &Assets,
+    shares: &[Share],
+    token: &str,
+) -> Result<Instance, Error> {
     let run_dir = &settings.run_dir;
     let started = Instant::now();
     let port = free_port()?;
@@ -180,7 +192,10 @@ fn boot(settings: &Settings, assets: &Assets, shares: &[Share], token: &str) -> 
         Err(e) => {
             if matches!(qemu.try_wait(), Ok(None)) {
                 let dump = qemu::dump_hung(run_dir);
-                tracing::warn!("registers of the test host that did not come up saved to {}", dump.display());
+                tracing::warn!(
+                    "registers of the test host that did not come up saved to {}",
+                    dump.display()
+                );
                 let _ = qemu.kill();
                 let _ = qemu.wait();
             }
@@ -226,8 +241,12 @@ fn wait_ready(qemu: &mut Child, instance: &Instance, settings: &Settings) -> Res
 fn shares(paths: &[PathBuf]) -> Result<Vec<Share>, Error> {
     let mut roots: Vec<PathBuf> = Vec::new();
     for path in paths {
-        std::fs::create_dir_all(path).map_err(Error::io("cannot create the writable share", path))?;
-        roots.push(path.canonicalize().map_err(Error::io("cannot resolve the writable share", path))?);
+        std::fs::create_dir_all(path)
+            .map_err(Error::io("cannot create the writable share", path))?;
+        roots.push(
+            path.canonicalize()
+                .map_err(Error::io("cannot resolve the writable share", path))?,
+        );
     }
     roots.sort();
     roots.dedup();
@@ -240,7 +259,10 @@ fn shares(paths: &[PathBuf]) -> Result<Vec<Share>, Error> {
     Ok(kept
         .into_iter()
         .enumerate()
-        .map(|(i, path)| Share { tag: format!("rw{i}"), path })
+        .map(|(i, path)| Share {
+            tag: format!("rw{i}"),
+            path,
+        })
         .collect())
 }
 
@@ -248,8 +270,17 @@ const L1_CONF: &str = "l1.conf";
 const STATE: &str = "state.json";
 
 /// Writes the file the L1's /init sources (see assets/init.sh).
-fn write_l1_conf(settings: &Settings, agent: &Path, token: &str, modules: &Path, shares: &[Share]) -> Result<(), Error> {
-    let rw_shares: Vec<String> = shares.iter().map(|s| format!("{}={}", s.tag, s.path.display())).collect();
+fn write_l1_conf(
+    settings: &Settings,
+    agent: &Path,
+    token: &str,
+    modules: &Path,
+    shares: &[Share],
+) -> Result<(), Error> {
+    let rw_shares: Vec<String> = shares
+        .iter()
+        .map(|s| format!("{}={}", s.tag, s.path.display()))
+        .collect();
     let conf = format!(
         "AGENT={agent}\nAGENT_ARGS=\"--listen 0.0.0.0:{AGENT_PORT} --idle-secs {idle} --token {token}\"\nRW_SHARES=\"{shares}\"\nMODULES_DIR={modules}\nEXTRA_MODULES=\"{EXTRA_MODULES}\"\n",
         agent = agent.display(),
@@ -286,7 +317,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .mode(0o600)
         .open(&partial)
         .map_err(Error::io("cannot create", &partial))?;
-    file.write_all(bytes).map_err(Error::io("cannot write", &partial))?;
+    file.write_all(bytes)
+        .map_err(Error::io("cannot write", &partial))?;
     std::fs::rename(&partial, path).map_err(Error::io("cannot write", path))
 }
 
@@ -301,8 +333,12 @@ fn new_token() -> Result<String, Error> {
 
 /// A localhost port nobody listens on now (QEMU binds it a moment later).
 fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(Error::io("cannot find a free port", "127.0.0.1:0"))?;
-    let port = listener.local_addr().map_err(Error::io("cannot find a free port", "127.0.0.1:0"))?.port();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(Error::io("cannot find a free port", "127.0.0.1:0"))?;
+    let port = listener
+        .local_addr()
+        .map_err(Error::io("cannot find a free port", "127.0.0.1:0"))?
+        .port();
     Ok(port)
 }
 

@@ -104,7 +104,9 @@ impl Request {
                 let frame: RequestFrame = serde_json::from_slice(&payload)?;
                 Ok((frame.token, frame.request))
             }
-            Some((other, _)) => Err(invalid(format!("expected a request frame, got tag {other}"))),
+            Some((other, _)) => Err(invalid(format!(
+                "expected a request frame, got tag {other}"
+            ))),
             None => Err(io::ErrorKind::UnexpectedEof.into()),
         }
     }
@@ -196,8 +198,14 @@ mod tests {
         Reply::Exit(7 << 8).write_to(&mut wire).unwrap();
         let mut r = wire.as_slice();
         assert!(matches!(Reply::read_from(&mut r).unwrap(), Some(Reply::Stdout(b)) if b == b"out"));
-        assert!(matches!(Reply::read_from(&mut r).unwrap(), Some(Reply::Heartbeat)));
-        assert!(matches!(Reply::read_from(&mut r).unwrap(), Some(Reply::Exit(0x700))));
+        assert!(matches!(
+            Reply::read_from(&mut r).unwrap(),
+            Some(Reply::Heartbeat)
+        ));
+        assert!(matches!(
+            Reply::read_from(&mut r).unwrap(),
+            Some(Reply::Exit(0x700))
+        ));
         assert!(Reply::read_from(&mut r).unwrap().is_none());
     }
 
@@ -220,7 +228,9 @@ mod tests {
     #[test]
     fn truncated_frame_is_an_error() {
         let mut wire = Vec::new();
-        Reply::Stdout(b"abcdef".to_vec()).write_to(&mut wire).unwrap();
+        Reply::Stdout(b"abcdef".to_vec())
+            .write_to(&mut wire)
+            .unwrap();
         wire.truncate(7);
         assert!(Reply::read_from(&mut wire.as_slice()).is_err());
     }

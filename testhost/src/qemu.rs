@@ -65,7 +65,10 @@ impl Launch<'_> {
             "-monitor".into(),
             format!("unix:{run}/{MONITOR_SOCKET},server=on,wait=off"),
             "-netdev".into(),
-            format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{AGENT_PORT}", self.host_port),
+            format!(
+                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{AGENT_PORT}",
+                self.host_port
+            ),
             "-device".into(),
             // No option ROM: iPXE would only slow the firmware down.
             "virtio-net-pci,netdev=net0,romfile=".into(),
@@ -77,8 +80,14 @@ impl Launch<'_> {
         .into_iter()
         .map(OsString::from)
         .collect();
-        args.extend(["-kernel".into(), self.assets.kernel.clone().into_os_string()]);
-        args.extend(["-initrd".into(), self.assets.initramfs.clone().into_os_string()]);
+        args.extend([
+            "-kernel".into(),
+            self.assets.kernel.clone().into_os_string(),
+        ]);
+        args.extend([
+            "-initrd".into(),
+            self.assets.initramfs.clone().into_os_string(),
+        ]);
         for share in self.shares {
             args.push("-fsdev".into());
             args.push(
@@ -107,7 +116,9 @@ impl Launch<'_> {
         }
         let log_path = self.run_dir.join(QEMU_LOG);
         let log = File::create(&log_path).map_err(Error::io("cannot create", &log_path))?;
-        let log_err = log.try_clone().map_err(Error::io("cannot duplicate", &log_path))?;
+        let log_err = log
+            .try_clone()
+            .map_err(Error::io("cannot duplicate", &log_path))?;
         Command::new(self.qemu)
             .args(self.args())
             .stdin(Stdio::null())
@@ -115,7 +126,12 @@ impl Launch<'_> {
             .stderr(log_err)
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::Start(format!("cannot run {}: {e} (apt-get install qemu-system-x86)", self.qemu.display())))
+            .map_err(|e| {
+                Error::Start(format!(
+                    "cannot run {}: {e} (apt-get install qemu-system-x86)",
+                    self.qemu.display()
+                ))
+            })
     }
 }
 
@@ -126,19 +142,27 @@ pub fn is_running(pid: u32, run_dir: &Path) -> bool {
         return false;
     };
     // The state follows the parenthesised command name.
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
     let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
         return false;
     };
     let marker = format!("crx.run={}", run_dir.display());
-    !zombie && cmdline.split(|b| *b == 0).any(|arg| arg.windows(marker.len()).any(|w| w == marker.as_bytes()))
+    !zombie
+        && cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg.windows(marker.len()).any(|w| w == marker.as_bytes()))
 }
 
 /// Writes `info registers -a` and the serial log's tail to `hang-<unix time>.txt` in the run dir.
 pub fn dump_hung(run_dir: &Path) -> PathBuf {
-    let when = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let when = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let path = run_dir.join(format!("hang-{when}.txt"));
-    let registers = monitor_command(run_dir, "info registers -a").unwrap_or_else(|e| format!("(monitor: {e})"));
+    let registers =
+        monitor_command(run_dir, "info registers -a").unwrap_or_else(|e| format!("(monitor: {e})"));
     let serial = std::fs::read(run_dir.join(SERIAL_LOG)).unwrap_or_default();
     let tail = &serial[serial.len().saturating_sub(8192)..];
     let report = format!(
@@ -160,7 +184,9 @@ fn monitor_command(run_dir: &Path, command: &str) -> std::io::Result<String> {
     monitor.write_all(format!("{command}\n").as_bytes())?;
     let answer = read_to_prompt(&mut monitor)?;
     // Drop the first line: the monitor's echo of the command, full of cursor movements.
-    Ok(answer.split_once('\n').map_or(answer.clone(), |(_, rest)| rest.to_owned()))
+    Ok(answer
+        .split_once('\n')
+        .map_or(answer.clone(), |(_, rest)| rest.to_owned()))
 }
 
 fn read_to_prompt(monitor: &mut UnixStream) -> std::io::Result<String> {
@@ -205,5 +231,7 @@ pub fn wait_gone(pid: u32, run_dir: &Path, timeout: Duration) -> bool {
 /// The last `bytes` of a log in the run dir, for error messages.
 pub fn log_tail(run_dir: &Path, log: &str, bytes: usize) -> String {
     let content = std::fs::read(run_dir.join(log)).unwrap_or_default();
-    String::from_utf8_lossy(&content[content.len().saturating_sub(bytes)..]).trim().to_owned()
+    String::from_utf8_lossy(&content[content.len().saturating_sub(bytes)..])
+        .trim()
+        .to_owned()
 }

@@ -22,7 +22,9 @@ impl RunLock {
             .open(&path)
             .map_err(Error::io("cannot open the run dir lock", &path))?;
         if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(Error::io("cannot lock", &path))? {
-            tracing::info!("waiting for another process that is checking or starting the test host");
+            tracing::info!(
+                "waiting for another process that is checking or starting the test host"
+            );
             flock(&file, libc::LOCK_EX).map_err(Error::io("cannot lock", &path))?;
         }
         Ok(RunLock { _file: file })

@@ -68,7 +68,8 @@ impl Settings {
             cache_dir.clone(),
         ];
         if let Some(extra) = std::env::var_os("CRX_TESTHOST_RW") {
-            writable_paths.extend(std::env::split_paths(&extra).filter(|p| !p.as_os_str().is_empty()));
+            writable_paths
+                .extend(std::env::split_paths(&extra).filter(|p| !p.as_os_str().is_empty()));
         }
         let settings = Settings {
             run_dir: std::env::var_os("CRX_TESTHOST_RUN_DIR")
@@ -114,14 +115,17 @@ fn check_share_path(name: &'static str, path: &Path) -> Result<(), Error> {
     let text = path.to_str().unwrap_or("");
     let plain = path.is_absolute()
         && !text.is_empty()
-        && text.chars().all(|c| c.is_ascii_graphic() && !"\"'`$\\;&|<>()*?[]{}=".contains(c));
+        && text
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !"\"'`$\\;&|<>()*?[]{}=".contains(c));
     if plain {
         Ok(())
     } else {
         Err(Error::Setting {
             name,
             value: path.display().to_string(),
-            reason: "the test host needs absolute paths without spaces, quotes or shell characters".into(),
+            reason: "the test host needs absolute paths without spaces, quotes or shell characters"
+                .into(),
         })
     }
 }

@@ -44,7 +44,8 @@ pub fn run_vm_test_here(test_name: &str) -> bool {
     let host = TestHost::shared().unwrap_or_else(|e| {
         panic!("VM test {test_name} needs the KVM test host (this machine's /dev/kvm is PVM, where stock guests do not boot), and it is unavailable: {e}")
     });
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("VM test {test_name}: cannot find the test binary: {e}"));
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|e| panic!("VM test {test_name}: cannot find the test binary: {e}"));
     let invocation = Invocation::new([
         exe.clone().into_os_string(),
         test_name.into(),
@@ -56,7 +57,9 @@ pub fn run_vm_test_here(test_name: &str) -> bool {
     .envs(forwarded_env());
     let mut printer = LinePrinter::default();
     let status = host
-        .run_with(&invocation, &mut |stream, bytes| printer.push(stream, bytes))
+        .run_with(&invocation, &mut |stream, bytes| {
+            printer.push(stream, bytes)
+        })
         .unwrap_or_else(|e| panic!("VM test {test_name} could not run in the test host: {e}"));
     printer.finish();
     if !status.success() {
@@ -75,8 +78,12 @@ pub fn run_vm_test_here(test_name: &str) -> bool {
 /// marker's type name `crate::module::test_fn::marker`: `module::test_fn`.
 #[doc(hidden)]
 pub fn test_name_of_marker(marker_type_name: &str) -> String {
-    let path = marker_type_name.strip_suffix("::marker").unwrap_or(marker_type_name);
-    path.split_once("::").map_or(path, |(_crate, rest)| rest).to_owned()
+    let path = marker_type_name
+        .strip_suffix("::marker")
+        .unwrap_or(marker_type_name);
+    path.split_once("::")
+        .map_or(path, |(_crate, rest)| rest)
+        .to_owned()
 }
 
 /// [`run_vm_test_here`] for the test function this is written in:
@@ -86,7 +93,9 @@ pub fn test_name_of_marker(marker_type_name: &str) -> String {
 macro_rules! vm_test_here {
     () => {{
         fn marker() {}
-        $crate::run_vm_test_here(&$crate::test_name_of_marker(::std::any::type_name_of_val(&marker)))
+        $crate::run_vm_test_here(&$crate::test_name_of_marker(::std::any::type_name_of_val(
+            &marker,
+        )))
     }};
 }
 
@@ -95,7 +104,10 @@ fn forwarded_env() -> Vec<(OsString, OsString)> {
         .filter(|(key, _)| {
             let key = key.to_string_lossy();
             key != IN_TESTHOST
-                && (key.starts_with("RUST_") || key.starts_with("CRX_") || key.starts_with("CARGO_") || key == "TMPDIR")
+                && (key.starts_with("RUST_")
+                    || key.starts_with("CRX_")
+                    || key.starts_with("CARGO_")
+                    || key == "TMPDIR")
         })
         .collect()
 }
@@ -148,7 +160,10 @@ mod tests {
 
     #[test]
     fn marker_names_become_libtest_names() {
-        assert_eq!(test_name_of_marker("crx_core::vstate::tests::boots::marker"), "vstate::tests::boots");
+        assert_eq!(
+            test_name_of_marker("crx_core::vstate::tests::boots::marker"),
+            "vstate::tests::boots"
+        );
         assert_eq!(test_name_of_marker("api::boots::marker"), "boots");
     }
 

@@ -31,15 +31,22 @@ fn exit_codes_and_signals_pass_through() {
 
 #[test]
 fn stdout_and_stderr_are_kept_apart() {
-    let output = host().run(&sh("echo to-out; echo to-err >&2; printf 'no newline'")).expect("run");
+    let output = host()
+        .run(&sh("echo to-out; echo to-err >&2; printf 'no newline'"))
+        .expect("run");
     assert!(output.status.success());
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "to-out\nno newline");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "to-out\nno newline"
+    );
     assert_eq!(String::from_utf8_lossy(&output.stderr), "to-err\n");
 }
 
 #[test]
 fn large_output_arrives_whole() {
-    let output = host().run(&sh("head -c 3000000 /dev/zero; echo end >&2")).expect("run");
+    let output = host()
+        .run(&sh("head -c 3000000 /dev/zero; echo end >&2"))
+        .expect("run");
     assert_eq!(output.stdout.len(), 3_000_000);
     assert!(output.stdout.iter().all(|b| *b == 0));
     assert_eq!(output.stderr, b"end\n");
@@ -49,12 +56,22 @@ fn large_output_arrives_whole() {
 fn cwd_and_env_are_the_callers() {
     let dir = env!("CARGO_MANIFEST_DIR");
     let output = host()
-        .run(&sh("pwd; echo \"$CRX_TEST_VALUE\"").cwd(dir).env("CRX_TEST_VALUE", "a b"))
+        .run(
+            &sh("pwd; echo \"$CRX_TEST_VALUE\"")
+                .cwd(dir)
+                .env("CRX_TEST_VALUE", "a b"),
+        )
         .expect("run");
-    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{dir}\na b\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("{dir}\na b\n")
+    );
     let default_cwd = host().run(&Invocation::new(["pwd"])).expect("run");
     let here = std::env::current_dir().unwrap();
-    assert_eq!(String::from_utf8_lossy(&default_cwd.stdout).trim_end(), here.to_str().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&default_cwd.stdout).trim_end(),
+        here.to_str().unwrap()
+    );
 }
 
 #[test]
@@ -63,15 +80,26 @@ fn files_written_inside_are_visible_outside() {
     std::fs::create_dir_all(&target).unwrap();
     let in_target = target.join(format!("written-{}", std::process::id()));
     let in_tmp = std::env::temp_dir().join(format!("crx-testhost-written-{}", std::process::id()));
-    let script = format!("echo inside > {} && echo inside > {}", in_target.display(), in_tmp.display());
+    let script = format!(
+        "echo inside > {} && echo inside > {}",
+        in_target.display(),
+        in_tmp.display()
+    );
     assert!(host().run(&sh(&script)).expect("run").status.success());
     for file in [&in_target, &in_tmp] {
-        assert_eq!(std::fs::read_to_string(file).unwrap(), "inside\n", "{}", file.display());
+        assert_eq!(
+            std::fs::read_to_string(file).unwrap(),
+            "inside\n",
+            "{}",
+            file.display()
+        );
         std::fs::remove_file(file).unwrap();
     }
     // And the other way round.
     std::fs::write(&in_target, "outside").unwrap();
-    let output = host().run(&Invocation::new(["cat".as_ref(), in_target.as_os_str()])).expect("run");
+    let output = host()
+        .run(&Invocation::new(["cat".as_ref(), in_target.as_os_str()]))
+        .expect("run");
     assert_eq!(output.stdout, b"outside");
     std::fs::remove_file(&in_target).unwrap();
 }
@@ -104,7 +132,10 @@ fn commands_run_concurrently() {
     for (i, output) in outputs.iter().enumerate() {
         assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
     }
-    assert!(elapsed.as_secs_f64() < 5.5, "two 3 s sleeps took {elapsed:?}: not concurrent");
+    assert!(
+        elapsed.as_secs_f64() < 5.5,
+        "two 3 s sleeps took {elapsed:?}: not concurrent"
+    );
 }
 
 #[test]
@@ -132,7 +163,11 @@ fn per_command_overhead() {
     let runs = 10;
     let started = Instant::now();
     for _ in 0..runs {
-        assert!(host.run(&Invocation::new(["true"])).expect("run").status.success());
+        assert!(host
+            .run(&Invocation::new(["true"]))
+            .expect("run")
+            .status
+            .success());
     }
     let each = started.elapsed() / runs;
     eprintln!("per-command round trip of `true` in the test host: {each:?}");
@@ -144,7 +179,10 @@ fn vm_test_runs_where_kvm_is_standard() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    assert!(guests_run_here().expect("probe"), "the body must only run on standard KVM");
+    assert!(
+        guests_run_here().expect("probe"),
+        "the body must only run on standard KVM"
+    );
 }
 
 #[test]

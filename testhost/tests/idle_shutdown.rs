@@ -12,7 +12,11 @@ fn an_idle_test_host_powers_off_and_stop_stops_a_busy_one() {
     std::env::set_var("CRX_TESTHOST_IDLE_SECS", "3");
     let host = TestHost::shared().expect("start a test host");
     let idle_pid = host.qemu_pid();
-    assert!(host.run(&Invocation::new(["true"])).expect("run").status.success());
+    assert!(host
+        .run(&Invocation::new(["true"]))
+        .expect("run")
+        .status
+        .success());
     assert!(
         common::wait_gone(idle_pid, Duration::from_secs(60)),
         "the L1 (QEMU pid {idle_pid}) did not power off after 3 idle seconds"
@@ -23,7 +27,16 @@ fn an_idle_test_host_powers_off_and_stop_stops_a_busy_one() {
     let host = TestHost::shared().expect("start a second test host");
     let pid = host.qemu_pid();
     assert_ne!(pid, idle_pid);
-    assert!(TestHost::stop().expect("stop"), "stop found no running test host");
-    assert!(common::wait_gone(pid, Duration::from_secs(5)), "QEMU pid {pid} still runs after stop");
-    assert!(!TestHost::stop().expect("stop again"), "a second stop found a test host");
+    assert!(
+        TestHost::stop().expect("stop"),
+        "stop found no running test host"
+    );
+    assert!(
+        common::wait_gone(pid, Duration::from_secs(5)),
+        "QEMU pid {pid} still runs after stop"
+    );
+    assert!(
+        !TestHost::stop().expect("stop again"),
+        "a second stop found a test host"
+    );
 }

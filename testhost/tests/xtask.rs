@@ -7,7 +7,14 @@ fn xtask_testhost(args: &[&str], cwd: &Path) -> Output {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     Command::new(cargo)
-        .args(["run", "--quiet", "--release", "--package", "xtask", "--manifest-path"])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "xtask",
+            "--manifest-path",
+        ])
         .arg(manifest)
         .args(["--", "testhost"])
         .args(args)
@@ -19,7 +26,11 @@ fn xtask_testhost(args: &[&str], cwd: &Path) -> Output {
 #[test]
 fn exit_codes_pass_through() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (command, code) in [(&["true"][..], 0), (&["false"][..], 1), (&["sh", "-c", "exit 7"][..], 7)] {
+    for (command, code) in [
+        (&["true"][..], 0),
+        (&["false"][..], 1),
+        (&["sh", "-c", "exit 7"][..], 7),
+    ] {
         let mut args = vec!["--"];
         args.extend_from_slice(command);
         let output = xtask_testhost(&args, here);
@@ -32,8 +43,14 @@ fn output_streams_and_cwd_pass_through() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let output = xtask_testhost(&["--", "sh", "-c", "pwd; echo to-err >&2"], here);
     assert!(output.status.success(), "{output:?}");
-    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{}\n", here.display()));
-    assert!(String::from_utf8_lossy(&output.stderr).ends_with("to-err\n"), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("{}\n", here.display())
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).ends_with("to-err\n"),
+        "{output:?}"
+    );
 }
 
 #[test]
@@ -44,5 +61,8 @@ fn without_a_command_it_shows_the_test_host() {
     let output = xtask_testhost(&[], here);
     assert!(output.status.success(), "{output:?}");
     let shown = String::from_utf8_lossy(&output.stdout);
-    assert!(shown.contains("QEMU pid") && shown.contains("/dev/kvm:  Standard"), "{shown}");
+    assert!(
+        shown.contains("QEMU pid") && shown.contains("/dev/kvm:  Standard"),
+        "{shown}"
+    );
 }

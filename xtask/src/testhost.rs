@@ -28,7 +28,14 @@ pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
         .init();
     if args.stop {
         let stopped = TestHost::stop().context("stopping the test host")?;
-        eprintln!("{}", if stopped { "test host stopped" } else { "no test host was running" });
+        eprintln!(
+            "{}",
+            if stopped {
+                "test host stopped"
+            } else {
+                "no test host was running"
+            }
+        );
         return Ok(());
     }
     if args.command.is_empty() {
@@ -38,21 +45,32 @@ pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
     let invocation = Invocation::new(args.command).envs(std::env::vars_os());
     let status = host.run_streaming(&invocation)?;
     // Like a shell: 128 + the signal for a command killed by one.
-    let code = status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1);
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
     std::process::exit(code);
 }
 
 fn show_status() -> anyhow::Result<()> {
     let Some(host) = TestHost::running().context("checking the test host")? else {
-        println!("no test host running (the first `cargo xtask testhost -- CMD` or VM test starts one)");
+        println!(
+            "no test host running (the first `cargo xtask testhost -- CMD` or VM test starts one)"
+        );
         return Ok(());
     };
-    println!("test host: QEMU pid {}, agent at 127.0.0.1:{}", host.qemu_pid, host.port);
+    println!(
+        "test host: QEMU pid {}, agent at 127.0.0.1:{}",
+        host.qemu_pid, host.port
+    );
     println!("run dir:   {}", host.run_dir.display());
     match host.status {
         Ok(status) => {
             println!("L1 kernel: {}", status.kernel);
-            println!("/dev/kvm:  {}", status.kvm.as_deref().unwrap_or("not probed"));
+            println!(
+                "/dev/kvm:  {}",
+                status.kvm.as_deref().unwrap_or("not probed")
+            );
             println!(
                 "agent up {:.0} s, {} command(s) running, powers off after {} s idle",
                 status.uptime_secs, status.active_commands, status.idle_shutdown_secs

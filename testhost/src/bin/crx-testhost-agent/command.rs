@@ -36,7 +36,12 @@ pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
     let spawned = Command::new(program)
         .args(args)
         .current_dir(&cwd)
-        .envs(request.env.into_iter().map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))))
+        .envs(
+            request
+                .env
+                .into_iter()
+                .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -45,7 +50,11 @@ pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let message = format!("cannot run {} in {}: {e}", program.to_string_lossy(), cwd.to_string_lossy());
+            let message = format!(
+                "cannot run {} in {}: {e}",
+                program.to_string_lossy(),
+                cwd.to_string_lossy()
+            );
             return Reply::Failure(message).write_to(&mut stream);
         }
     };
@@ -91,7 +100,9 @@ fn forward(received: &mpsc::Receiver<Event>, stream: &mut TcpStream) -> io::Resu
             Ok(Event::Stderr(bytes)) => Reply::Stderr(bytes).write_to(stream)?,
             Ok(Event::Closed) => open_pipes -= 1,
             Ok(Event::Exited(status)) => exit = Some((status?, Instant::now())),
-            Err(RecvTimeoutError::Timeout) if exit.is_none() => Reply::Heartbeat.write_to(stream)?,
+            Err(RecvTimeoutError::Timeout) if exit.is_none() => {
+                Reply::Heartbeat.write_to(stream)?
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(io::Error::other("the command's threads are gone"));
@@ -101,7 +112,11 @@ fn forward(received: &mpsc::Receiver<Event>, stream: &mut TcpStream) -> io::Resu
 }
 
 /// Reads `pipe` on a thread, sending chunks as `wrap` events, then `Closed`.
-fn pump(mut pipe: impl Read + Send + 'static, events: mpsc::Sender<Event>, wrap: fn(Vec<u8>) -> Event) {
+fn pump(
+    mut pipe: impl Read + Send + 'static,
+    events: mpsc::Sender<Event>,
+    wrap: fn(Vec<u8>) -> Event,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -121,7 +136,11 @@ fn pump(mut pipe: impl Read + Send + 'static, events: mpsc::Sender<Event>, wrap:
 }
 
 /// Kills the command's process group if the client closes the connection before it finished.
-fn kill_when_client_leaves(stream: &TcpStream, process_group: u32, finished: Arc<AtomicBool>) -> io::Result<()> {
+fn kill_when_client_leaves(
+    stream: &TcpStream,
+    process_group: u32,
+    finished: Arc<AtomicBool>,
+) -> io::Result<()> {
     let mut watch = stream.try_clone()?;
     std::thread::spawn(move || {
         let mut byte = [0u8; 1];

@@ -29,7 +29,9 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
             "--idle-secs" => {
-                idle = Some(Duration::from_secs(value()?.parse().map_err(|e| format!("--idle-secs: {e}"))?));
+                idle = Some(Duration::from_secs(
+                    value()?.parse().map_err(|e| format!("--idle-secs: {e}"))?,
+                ));
             }
             "--token" => token = Some(value()?),
             other => return Err(format!("unknown argument {other}")),
@@ -53,7 +55,9 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            tracing::error!("{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N --token SECRET");
+            tracing::error!(
+                "{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N --token SECRET"
+            );
             std::process::exit(2);
         }
     };

@@ -29,7 +29,12 @@ impl Activity {
         if self.active_commands.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        Some(self.last_request.lock().unwrap_or_else(|e| e.into_inner()).elapsed())
+        Some(
+            self.last_request
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed(),
+        )
     }
 
     /// Counts a running command until the guard drops.
@@ -57,7 +62,10 @@ pub fn serve(listen: SocketAddr, idle_limit: Duration, token: String) -> io::Res
         last_request: Mutex::new(Instant::now()),
         active_commands: AtomicUsize::new(0),
     });
-    tracing::info!("agent serving on {listen}; powering off after {} s idle", idle_limit.as_secs());
+    tracing::info!(
+        "agent serving on {listen}; powering off after {} s idle",
+        idle_limit.as_secs()
+    );
     {
         let activity = Arc::clone(&activity);
         std::thread::spawn(move || exit_when_idle(&activity));
@@ -80,10 +88,16 @@ pub fn serve(listen: SocketAddr, idle_limit: Duration, token: String) -> io::Res
 }
 
 fn exit_when_idle(activity: &Activity) {
-    let check_every = activity.idle_limit.min(Duration::from_secs(5)).max(Duration::from_millis(100));
+    let check_every = activity
+        .idle_limit
+        .min(Duration::from_secs(5))
+        .max(Duration::from_millis(100));
     loop {
         std::thread::sleep(check_every);
-        if activity.idle_for().is_some_and(|idle| idle >= activity.idle_limit) {
+        if activity
+            .idle_for()
+            .is_some_and(|idle| idle >= activity.idle_limit)
+        {
             tracing::info!("idle for {} s", activity.idle_limit.as_secs());
             std::process::exit(0);
         }
@@ -100,7 +114,9 @@ fn handle(mut stream: TcpStream, activity: &Arc<Activity>) -> io::Result<()> {
         return Reply::Failure("wrong token".into()).write_to(&mut stream);
     }
     match request {
-        Request::Ping { probe_kvm } => Reply::Pong(status(activity, probe_kvm)).write_to(&mut stream),
+        Request::Ping { probe_kvm } => {
+            Reply::Pong(status(activity, probe_kvm)).write_to(&mut stream)
+        }
         Request::Shutdown => {
             tracing::info!("shutdown requested");
             Reply::ShuttingDown.write_to(&mut stream)?;
@@ -120,7 +136,10 @@ fn status(activity: &Activity, probe_kvm: bool) -> Status {
     });
     Status {
         protocol: PROTOCOL_VERSION,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
         uptime_secs: activity.started.elapsed().as_secs_f64(),
         active_commands: activity.active_commands.load(Ordering::SeqCst),
         idle_shutdown_secs: activity.idle_limit.as_secs(),

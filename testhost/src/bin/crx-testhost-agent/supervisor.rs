@@ -7,7 +7,10 @@
 use std::process::Command;
 
 pub fn run() -> ! {
-    let server = match Command::new("/proc/self/exe").args(std::env::args_os().skip(1)).spawn() {
+    let server = match Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .spawn()
+    {
         Ok(child) => child.id(),
         Err(e) => {
             tracing::error!("cannot start the serving agent: {e}");
