@@ -47,25 +47,24 @@ pub fn locate(settings: &Settings) -> Result<PathBuf, Error> {
         .arg(settings.workspace_root.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &agent_target)
         .output();
-    match output {
-        Ok(output) if output.status.success() => Ok(built),
-        Ok(output) => Err(Error::Agent(format!(
+    let failure = match output {
+        Ok(output) if output.status.success() => return Ok(built),
+        Ok(output) => format!(
             "cargo build of {AGENT} failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
-        ))),
-        Err(e) if built.is_file() => {
-            tracing::warn!(
-                "cannot run cargo ({e}); using the existing {}",
-                built.display()
-            );
-            Ok(built)
-        }
-        Err(e) => Err(Error::Agent(format!(
-            "cannot run {} to build it ({e}), and there is no {} (or set CRX_TESTHOST_AGENT)",
-            Path::new(&cargo).display(),
+        ),
+        Err(e) => format!("cannot run {} ({e})", Path::new(&cargo).display()),
+    };
+    // The workspace may be mid-edit elsewhere: an earlier build still serves.
+    if built.is_file() {
+        tracing::warn!("{failure}; using the existing {}", built.display());
+        Ok(built)
+    } else {
+        Err(Error::Agent(format!(
+            "{failure}, and there is no earlier {} (or set CRX_TESTHOST_AGENT)",
             built.display()
-        ))),
+        )))
     }
 }
 

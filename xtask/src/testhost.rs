@@ -43,7 +43,15 @@ pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
     }
     let host = TestHost::shared().context("starting the test host")?;
     let invocation = Invocation::new(args.command).envs(std::env::vars_os());
-    let status = host.run_streaming(&invocation)?;
+    let status = match host.run_streaming(&invocation) {
+        Ok(status) => status,
+        // Like a shell: 127 for a command that cannot be started.
+        Err(e @ crx_testhost::Error::Spawn { .. }) => {
+            eprintln!("cargo xtask testhost: {e}");
+            std::process::exit(127);
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Like a shell: 128 + the signal for a command killed by one.
     let code = status
         .code()
