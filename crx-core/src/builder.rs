@@ -132,34 +132,22 @@ pub fn start_vm(config: &VmConfig) -> Result<Vmm, Error> {
 /// Builds and starts the VM, timing boot from `launch` (e.g. the process start).
 pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     config.validate()?;
+    let step = |name: &str| tracing::debug!("{name} at {:?}", launch.elapsed());
     install_kick_handler()?;
-    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
-    let vm = Vm::new(&kvm)?;
-
     let guest_memory = memory::create(u64::from(config.mem_mib) << 20)?;
-    vm.register_memory(&guest_memory)?;
-    vm.create_irqchip_and_pit()?;
 
-    // The boot vCPU first: it tells a PVM host apart before any work is wasted.
-    let boot_vcpu = Vcpu::new(vm.fd(), 0)?;
-    if crx_kvm_probe::vcpu_is_pvm(boot_vcpu.fd()) {
-        return Err(Error::PvmHost);
-    }
-
-    let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
-    let cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)?;
-    load_cmdline(&guest_memory, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
-        Error::Boot {
-            step: "write command line",
-            detail: e.to_string(),
-        }
-    })?;
-    let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len();
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(&guest_memory, path, kernel.end))
-        .transpose()?;
+    // The guest image loads on a second thread while KVM is set up: reading the kernel is the
+    // largest single cost of a launch.
+    let (kvm_side, image) = std::thread::scope(|scope| {
+        let loader = scope.spawn(|| load_guest_image(&guest_memory, config));
+        let kvm_side = create_vm(&guest_memory);
+        step("VM created");
+        let image = loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (kvm_side, image)
+    });
+    let (vm, boot_vcpu) = kvm_side?;
+    let (kernel, cmdline_size, initrd) = image?;
+    step("guest image loaded");
     boot::write_boot_params(&guest_memory, &kernel, cmdline_size, initrd)?;
     mptable::write(&guest_memory, config.vcpus).map_err(|e| Error::Boot {
         step: "write MP table",
@@ -186,6 +174,7 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     for vcpu in &vcpus {
         vcpu.configure(&template_cpuid, config.vcpus, &guest_memory, &kernel)?;
     }
+    step("vCPUs configured");
     tracing::debug!(
         "booting {} ({:?} entry at {:#x}) with {} vCPUs, {} MiB",
         config.kernel.display(),
@@ -209,6 +198,41 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
         vmm.vcpu_threads.push(handle);
     }
     Ok(vmm)
+}
+
+/// The KVM VM with its irqchip and PIT, the boot vCPU, and `guest_memory` registered. The boot
+/// vCPU comes early: it tells a PVM host apart before any more work is wasted.
+fn create_vm(guest_memory: &vm_memory::GuestMemoryMmap) -> Result<(Vm, Vcpu), Error> {
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let vm = Vm::new(&kvm)?;
+    // KVM takes the irqchip only before the first vCPU.
+    vm.create_irqchip_and_pit()?;
+    let boot_vcpu = Vcpu::new(vm.fd(), 0)?;
+    if crx_kvm_probe::vcpu_is_pvm(boot_vcpu.fd()) {
+        return Err(Error::PvmHost);
+    }
+    vm.register_memory(guest_memory)?;
+    Ok((vm, boot_vcpu))
+}
+
+/// Loads the kernel, the command line and the initrd into guest memory.
+fn load_guest_image(
+    guest_memory: &vm_memory::GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<(boot::LoadedKernel, usize, Option<boot::InitrdRegion>), Error> {
+    let kernel = boot::load_kernel(guest_memory, &config.kernel)?;
+    let cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)?;
+    load_cmdline(guest_memory, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| Error::Boot {
+        step: "write command line",
+        detail: e.to_string(),
+    })?;
+    let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len();
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| boot::load_initrd(guest_memory, path, kernel.end))
+        .transpose()?;
+    Ok((kernel, cmdline_size, initrd))
 }
 
 /// The legacy devices: COM1 (irqfd on IRQ 4), the i8042, the guest status page.

@@ -22,13 +22,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let launch = std::time::Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRX_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // An EnvFilter costs milliseconds to build; only pay for it when CRX_LOG asks for one.
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    match tracing_subscriber::EnvFilter::try_from_env("CRX_LOG") {
+        Ok(filter) => logs.with_env_filter(filter).init(),
+        Err(_) => logs.with_max_level(tracing::Level::WARN).init(),
+    }
     let code = match Cli::parse().command {
         Command::Boot(args) => boot::run(args, launch)?,
         Command::Image(cmd) => {

@@ -19,6 +19,8 @@ fail() { log "FATAL: $*"; sleep 1; poweroff -f; }
 while read -r m; do insmod "/$m" || fail "insmod $m"; done </modules.order
 [ -c /dev/kvm ] || fail "/dev/kvm is missing after loading kvm_amd"
 log "modules loaded; kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt) nested=$(cat /sys/module/kvm_amd/parameters/nested)"
+# Guest RAM is a memfd that asks for huge pages (MADV_HUGEPAGE): let shmem honour that.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled || log "shmem THP stays off"
 
 ip link set lo up
 ip link set eth0 up || fail "no eth0"

@@ -7,8 +7,6 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Default install directory when neither `--dest` nor `$CRX_GUEST_DIR` is given.
-pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/crx/guest";
 
 #[derive(clap::Args)]
 pub struct GuestArgs {
@@ -37,8 +35,7 @@ pub fn run(args: GuestArgs) -> Result<()> {
     }
     let dest = args
         .dest
-        .or_else(|| std::env::var_os("CRX_GUEST_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
+        .unwrap_or_else(crx_core::builder::default_guest_dir);
     std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
     for src in &artifacts {
         let installed = install(src, &dest)?;

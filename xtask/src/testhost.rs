@@ -1,9 +1,9 @@
 //! `cargo xtask testhost [--stop] [-- CMD…]`: runs CMD in the KVM test host (see crx-testhost),
 //! in the same working directory and with this environment, passing its output and exit code
-//! through. Without CMD it shows the running test host; `--stop` powers it off.
+//! through. Without CMD it shows the running test host; `--stop` powers it off; `--prepare`
+//! builds and starts it when this host needs one (a PVM host) and does nothing elsewhere.
 
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
 
 use anyhow::Context;
 use crx_testhost::{Invocation, TestHost};
@@ -13,6 +13,9 @@ pub struct TesthostArgs {
     /// Power off this workspace's running test host.
     #[arg(long, conflicts_with = "command")]
     pub stop: bool,
+    /// Build and start the test host if this host's /dev/kvm needs one (PVM); else do nothing.
+    #[arg(long, conflicts_with_all = ["command", "stop"])]
+    pub prepare: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -38,6 +41,14 @@ pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if args.prepare {
+        if crx_testhost::guests_run_here().context("probing /dev/kvm")? {
+            eprintln!("standard KVM here: no test host needed");
+            return Ok(());
+        }
+        TestHost::shared().context("starting the test host")?;
+        return show_status();
+    }
     if args.command.is_empty() {
         return show_status();
     }
@@ -52,11 +63,7 @@ pub fn run(args: TesthostArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    // Like a shell: 128 + the signal for a command killed by one.
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|signal| 128 + signal))
-        .unwrap_or(1);
+    let code = crate::kvm_here::exit_code(status);
     std::process::exit(code);
 }
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt, builds the
+# workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
+# and, where this host's /dev/kvm is PVM, prepares the KVM test host (QEMU TCG + kvm_amd).
+# Idempotent: a second run installs nothing and rebuilds nothing that is unchanged.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+[[ $(id -u) == 0 ]] || { log "run as root (it installs packages and /usr/local/share/crx)"; exit 1; }
+command -v cargo >/dev/null || { log "cargo (Rust toolchain) is required"; exit 1; }
+[[ -e /dev/kvm ]] || { log "/dev/kvm is missing: CRX needs KVM (load kvm_intel or kvm_amd)"; exit 1; }
+
+mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' setup/apt-packages.txt | grep -v '^$')
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    log "Debian packages: all present"
+fi
+
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [[ -w $thp ]] && ! grep -q '\[advise\]\|\[always\]\|\[within_size\]' "$thp"; then
+    log "letting guest RAM (memfd, MADV_HUGEPAGE) use transparent huge pages: advise > $thp"
+    echo advise >"$thp" || log "cannot set $thp: guest RAM stays on 4 KiB pages"
+fi
+
+log "building the workspace (release)"
+cargo build --release --workspace --bins
+log "building the default guest (kernel + initrd; cached)"
+cargo xtask guest
+log "preparing the test host if this host needs it"
+cargo xtask testhost --prepare
+log "done"
