@@ -153,13 +153,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
                 println!("Untagged: {} ({})", removed.name, removed.manifest);
             }
             if !no_prune {
-                let report = store.gc()?;
-                println!(
-                    "Deleted {} blobs, {} layers, freed {}",
-                    report.blobs_removed.len(),
-                    report.layers_removed.len(),
-                    human(report.bytes_freed)
-                );
+                print_gc(&store.gc()?);
             }
         }
         ImageCommand::Image {
@@ -176,13 +170,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Image {
             command: ImageAdmin::Gc { store },
         } => {
-            let report = store.open()?.gc()?;
-            println!(
-                "Deleted {} blobs, {} layers, freed {}",
-                report.blobs_removed.len(),
-                report.layers_removed.len(),
-                human(report.bytes_freed)
-            );
+            print_gc(&store.open()?.gc()?);
         }
         ImageCommand::Image {
             command: ImageAdmin::Fsinfo { store },
@@ -204,6 +192,16 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line about what a garbage collection freed.
+fn print_gc(report: &crx_image::GcReport) {
+    println!(
+        "Deleted {} blobs, {} layers, freed {}",
+        report.blobs_removed.len(),
+        report.layers_removed.len(),
+        human(report.bytes_freed)
+    );
 }
 
 fn human(bytes: u64) -> String {
