@@ -24,10 +24,11 @@ fn main() {
     let mut init: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut first_instruction = Vec::new();
     let mut failures = Vec::new();
+    let vmms = Vmm::selected();
     {
         let mut group = criterion.benchmark_group("launch_to_guest_init");
         group.sampling_mode(SamplingMode::Flat);
-        for vmm in Vmm::ALL {
+        for &vmm in &vmms {
             // A peer that cannot boot this guest is reported, and fails the run at the end.
             if let Err(e) = bench.boot_once(vmm) {
                 eprintln!("boot bench: {} cannot boot the guest: {e}", vmm.name());
@@ -75,7 +76,7 @@ fn main() {
         );
     }
     println!("VMM overhead memory (RSS minus guest RAM, 1 vCPU, 128 MiB)");
-    for vmm in Vmm::ALL {
+    for &vmm in &vmms {
         match bench.overhead_rss_kib(vmm) {
             Ok(kib) => println!("  {:<17} {:.2} MiB", vmm.name(), kib as f64 / 1024.0),
             Err(e) => {

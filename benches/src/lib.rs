@@ -78,6 +78,31 @@ pub enum Vmm {
 impl Vmm {
     pub const ALL: [Vmm; 3] = [Vmm::Crx, Vmm::Firecracker, Vmm::CloudHypervisor];
 
+    /// The VMMs this run measures: `CRX_BENCH_VMMS` (comma-separated names), else all of them —
+    /// except in the test host, where Cloud Hypervisor's boot of this guest wedges the emulated
+    /// L1 (both L1 CPUs in soft lockup, seen twice), so it is left out there unless asked for.
+    pub fn selected() -> Vec<Vmm> {
+        if let Ok(names) = std::env::var("CRX_BENCH_VMMS") {
+            return names
+                .split(',')
+                .map(|name| {
+                    Vmm::ALL
+                        .into_iter()
+                        .find(|v| v.name() == name.trim())
+                        .unwrap_or_else(|| panic!("CRX_BENCH_VMMS: unknown VMM {name:?}"))
+                })
+                .collect();
+        }
+        if std::env::var_os(crx_testhost::IN_TESTHOST).is_some() {
+            eprintln!(
+                "bench: cloud-hypervisor is not run in the test host (its boot of this guest hangs \
+                 the emulated L1); set CRX_BENCH_VMMS=crx,firecracker,cloud-hypervisor to try"
+            );
+            return vec![Vmm::Crx, Vmm::Firecracker];
+        }
+        Vmm::ALL.to_vec()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Vmm::Crx => "crx",

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crx_core::builder::default_guest_dir;
-use crx_core::{start_vm, ConsoleOutput, Error, VmConfig, VmExit, VmOutcome};
+use crx_core::{start_vm, ConsoleOutput, CpuTemplate, Error, VmConfig, VmExit, VmOutcome};
 
 /// A guest that has not ended by then is stopped and the test fails (the test host is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -83,6 +83,44 @@ fn boots_with_2_vcpus_and_512_mib_and_the_guest_sees_them() {
         (400 * 1024..=512 * 1024).contains(&memkb),
         "guest sees {memkb} kB of 512 MiB"
     );
+}
+
+#[test]
+fn boots_a_bzimage_through_the_64_bit_boot_protocol() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let mut config = default_guest();
+    config.kernel = default_guest_dir().join("bzImage");
+    let outcome = boot("bzImage", &config.with_init_args(&["/bin/sh", "-c", "echo via-bzimage"]));
+    expect_exit(&outcome, VmExit::Exited(0));
+    assert!(outcome.console_tail.contains("via-bzimage"), "{}", outcome.console_tail);
+}
+
+#[test]
+fn the_baseline_cpu_template_hides_what_the_host_template_shows() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    // BMI2 is in every recent x86 CPU (and in the test host's) but not in x86-64-v2.
+    // (The kernel command line cannot carry a double quote inside an argument.)
+    let script = "flags=$(grep -m1 ^flags /proc/cpuinfo); for f in bmi2 hypervisor vmx svm; do \
+                  echo $flags | grep -qw $f && echo has-$f || echo no-$f; done";
+    let flags_under = |template: CpuTemplate| {
+        let mut config = default_guest();
+        config.cpu_template = template;
+        let config = config.with_init_args(&["/bin/sh", "-c", script]);
+        let outcome = boot(&format!("{template} template"), &config);
+        expect_exit(&outcome, VmExit::Exited(0));
+        outcome.console_tail
+    };
+    let host = flags_under(CpuTemplate::Host);
+    let baseline = flags_under(CpuTemplate::Baseline);
+    assert!(host.contains("has-bmi2"), "host template:\n{host}");
+    assert!(baseline.contains("no-bmi2"), "baseline template:\n{baseline}");
+    for tail in [&host, &baseline] {
+        assert!(tail.contains("has-hypervisor") && tail.contains("no-vmx") && tail.contains("no-svm"), "{tail}");
+    }
 }
 
 #[test]

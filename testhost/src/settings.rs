@@ -9,7 +9,7 @@
 //! | `CRX_TESTHOST_CPUS` | 2 | L1 vCPUs |
 //! | `CRX_TESTHOST_IDLE_SECS` | 600 | the L1 powers off after this long without a request |
 //! | `CRX_TESTHOST_BOOT_SECS` | 120 | give up on an L1 whose agent does not answer by then |
-//! | `CRX_TESTHOST_HANG_SECS` | 60 | a command whose L1 sends nothing (not even a heartbeat) this long means a hung L1 |
+//! | `CRX_TESTHOST_HANG_SECS` | 180 | a command whose L1 sends nothing (not even a heartbeat) this long means a hung L1 |
 //! | `CRX_TESTHOST_RW` | – | extra writable shares, `:`-separated absolute paths |
 //! | `CRX_TESTHOST_QEMU` | `qemu-system-x86_64` | the QEMU binary |
 //! | `CRX_TESTHOST_AGENT` | built with cargo | a prebuilt `crx-testhost-agent` to use |
@@ -81,7 +81,7 @@ impl Settings {
             cpus: number("CRX_TESTHOST_CPUS", 2)?,
             idle_shutdown: Duration::from_secs(number("CRX_TESTHOST_IDLE_SECS", 600)?),
             boot_timeout: Duration::from_secs(number("CRX_TESTHOST_BOOT_SECS", 120)?),
-            hang_timeout: Duration::from_secs(number("CRX_TESTHOST_HANG_SECS", 60)?),
+            hang_timeout: Duration::from_secs(number("CRX_TESTHOST_HANG_SECS", 180)?),
             writable_paths,
             qemu: std::env::var_os("CRX_TESTHOST_QEMU")
                 .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from),
