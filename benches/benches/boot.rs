@@ -1,7 +1,7 @@
 //! Boot latency and VMM memory, CRX against Firecracker and Cloud Hypervisor, in one run on the
 //! same KVM (inside the test host where this host's /dev/kvm is PVM; ratios are what count there).
 //!
-//! `cargo bench -p crx-benches --bench boot` (needs `cargo build --release -p crx` and
+//! `cargo bench -p crx-benches --bench boot` (needs `cargo build --release -p crx -p crx-vmm` and
 //! `cargo xtask guest` first; `cargo xtask bench` does both).
 
 use std::collections::BTreeMap;

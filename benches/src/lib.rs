@@ -156,9 +156,10 @@ impl Bench {
             .unwrap_or_else(|| workspace_root().join("../shared/peers"));
         let guest = default_guest_dir();
         Ok(Bench {
+            // The per-VM process itself, as an orchestrator starts it (`crx boot` execs it).
             crx: require(
-                target.join("release/crx"),
-                "build it with `cargo build --release -p crx`",
+                target.join("release/crx-vmm"),
+                "build it with `cargo build --release -p crx-vmm`",
             )?,
             peers: require(peers, "the peer VMMs live in ../shared/peers")?,
             kernel: require(guest.join("vmlinux"), "run `cargo xtask guest`")?,
@@ -182,8 +183,7 @@ impl Bench {
         let mut cmd = match vmm {
             Vmm::Crx => {
                 let mut cmd = Command::new(&self.crx);
-                cmd.arg("boot")
-                    .arg("--kernel")
+                cmd.arg("--kernel")
                     .arg(&self.kernel)
                     .arg("--initrd")
                     .arg(&self.initrd)

@@ -12,6 +12,7 @@
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod launch;
 pub mod vmm;
 pub mod vstate;
 

@@ -1,6 +1,5 @@
 //! `crx`: the operator's command line for CRX microVMs.
 
-mod boot;
 mod image;
 
 use clap::{Parser, Subcommand};
@@ -14,14 +13,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest kernel straight into its init and wait for it to end.
-    Boot(boot::BootArgs),
+    /// Boot a guest kernel straight into its init and wait for it to end (`crx boot --help`).
+    #[command(disable_help_flag = true)]
+    Boot {
+        /// Arguments for crx-vmm: [--kernel K] [--initrd I] [--cmdline C] [--vcpus N]
+        /// [--mem-mib M] [--cpu-template T] [--console FILE] [-- CMD…]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     #[command(flatten)]
     Image(image::ImageCommand),
 }
 
 fn main() -> anyhow::Result<()> {
-    let launch = std::time::Instant::now();
+    let launch_ns = crx_core::launch::monotonic_ns();
     // An EnvFilter costs milliseconds to build; only pay for it when CRX_LOG asks for one.
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
     match tracing_subscriber::EnvFilter::try_from_env("CRX_LOG") {
@@ -29,11 +34,25 @@ fn main() -> anyhow::Result<()> {
         Err(_) => logs.with_max_level(tracing::Level::WARN).init(),
     }
     let code = match Cli::parse().command {
-        Command::Boot(args) => boot::run(args, launch)?,
+        Command::Boot { args } => return Err(exec_vmm(args, launch_ns)),
         Command::Image(cmd) => {
             image::run(cmd)?;
             0
         }
     };
     std::process::exit(code)
+}
+
+/// Becomes `crx-vmm` (installed beside `crx`): one lean process per VM. Returns only on failure.
+fn exec_vmm(args: Vec<std::ffi::OsString>, launch_ns: u64) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let vmm = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("crx-vmm"),
+        Err(e) => return anyhow::anyhow!("cannot find crx's own path: {e}"),
+    };
+    let error = std::process::Command::new(&vmm)
+        .args(args)
+        .env(crx_core::launch::LAUNCH_ENV, launch_ns.to_string())
+        .exec();
+    anyhow::anyhow!("cannot run {} (it is built and installed beside crx): {error}", vmm.display())
 }

@@ -9,7 +9,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    crate::cargo(&["build", "--release", "-p", "crx"])?;
+    crate::cargo(&["build", "--release", "-p", "crx", "-p", "crx-vmm"])?;
     let mut argv = vec!["bench"];
     if args.args.is_empty() {
         argv.push("--workspace");

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 const BOOT_MARKER: &str = "crx-vm-boot:";
 
 pub fn run() -> anyhow::Result<()> {
-    crate::cargo(&["build", "--release", "-p", "crx"])?;
+    crate::cargo(&["build", "--release", "-p", "crx", "-p", "crx-vmm"])?;
     crate::cargo(&["bench", "--workspace", "--no-run"])?;
 
     let mut child = Command::new(crate::cargo_bin())

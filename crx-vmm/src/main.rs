@@ -1,5 +1,7 @@
-//! `crx boot`: direct-boot a kernel (the default guest unless told otherwise), wait for it to end,
-//! report the boot time and pass the guest command's exit status through.
+//! `crx-vmm`: one microVM per process. Direct-boots a kernel (the default guest unless told
+//! otherwise), waits for it to end, reports the boot time and passes the guest command's exit
+//! status through. `crx boot` execs it; it links only crx-core, so the host memory each pod VM
+//! costs is this small binary's, not the whole CLI's.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -7,8 +9,9 @@ use std::time::Instant;
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
 
-#[derive(clap::Args)]
-pub struct BootArgs {
+#[derive(clap::Parser)]
+#[command(name = "crx-vmm", version, about = "Boot one microVM and wait for it (crx boot)")]
+struct BootArgs {
     /// Kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [default: the default guest's vmlinux]
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -33,8 +36,20 @@ pub struct BootArgs {
     command: Vec<String>,
 }
 
+fn main() -> anyhow::Result<()> {
+    let launch = crx_core::launch::launch_instant();
+    // An EnvFilter costs milliseconds to build; only pay for it when CRX_LOG asks for one.
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    match tracing_subscriber::EnvFilter::try_from_env("CRX_LOG") {
+        Ok(filter) => logs.with_env_filter(filter).init(),
+        Err(_) => logs.with_max_level(tracing::Level::WARN).init(),
+    }
+    let code = run(<BootArgs as clap::Parser>::parse(), launch)?;
+    std::process::exit(code)
+}
+
 /// Boots, waits, prints how the guest ended; returns the process exit code.
-pub fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
+fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
         None => {
