@@ -169,7 +169,10 @@ impl Bench {
     }
 
     fn peer(&self, name: &'static str) -> Result<PathBuf, BenchError> {
-        require(self.peers.join(name), "a peer VMM binary from ../shared/peers")
+        require(
+            self.peers.join(name),
+            "a peer VMM binary from ../shared/peers",
+        )
     }
 
     /// The command that boots the bench guest under `vmm` with init arguments `init_args`.
@@ -428,16 +431,28 @@ mod tests {
     #[test]
     fn parses_each_vmms_report() {
         let crx = "crx: guest command exited with status 0; boot time 41.5 ms (launch → guest init), VMM setup 3.2 ms (…)";
-        assert_eq!(parse_ms_after(crx, "boot time "), Some(Duration::from_micros(41_500)));
-        assert_eq!(parse_ms_after(crx, "VMM setup "), Some(Duration::from_micros(3_200)));
+        assert_eq!(
+            parse_ms_after(crx, "boot time "),
+            Some(Duration::from_micros(41_500))
+        );
+        assert_eq!(
+            parse_ms_after(crx, "VMM setup "),
+            Some(Duration::from_micros(3_200))
+        );
         let ch = "cloud-hypervisor: 1.2s: <vcpu0> INFO:devices/src/legacy/debug_port.rs:74 -- [Debug I/O port: Kernel code 0x41] 0.250000 seconds";
-        assert_eq!(parse_ch_debug_port_seconds(ch), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_ch_debug_port_seconds(ch),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(parse_kib("   4404 kB"), Some(4404));
     }
 
     #[test]
     fn median_and_p99() {
         let s: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
-        assert_eq!(median_p99(&s), (Duration::from_millis(6), Duration::from_millis(10)));
+        assert_eq!(
+            median_p99(&s),
+            (Duration::from_millis(6), Duration::from_millis(10))
+        );
     }
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::Kvm;
+use crx_virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY};
+use crx_virtio::{DeviceConfig, EventLoop, Interrupt, MmioTransport, VirtioDevice};
+use kvm_ioctls::{IoEventAddress, Kvm};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
 use vm_memory::GuestAddress;
@@ -15,9 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{
     boot, cpuid, mptable, CMDLINE_MAX_SIZE, CMDLINE_START, GUEST_STATUS_START, I8042_DATA_PORT,
-    MAX_VCPUS, MMIO_PAGE_SIZE, SERIAL_IRQ, SERIAL_PORT_BASE,
+    IRQ_MAX, MAX_VCPUS, MMIO_PAGE_SIZE, SERIAL_IRQ, SERIAL_PORT_BASE, VIRTIO_IRQ_BASE,
+    VIRTIO_MMIO_START,
 };
-use crate::devices::legacy::{ConsoleTail, I8042, SerialConsole};
+use crate::devices::legacy::{ConsoleTail, SerialConsole, I8042};
 use crate::devices::pseudo::GuestStatus;
 use crate::vmm::{BootClock, ExitLatch, Vmm};
 use crate::vstate::vcpu::{install_kick_handler, Buses, Vcpu};
@@ -59,6 +62,8 @@ pub struct VmConfig {
     pub mem_mib: u32,
     pub cpu_template: CpuTemplate,
     pub console: ConsoleOutput,
+    /// virtio-mmio devices, in the order their windows and IRQs are assigned.
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl VmConfig {
@@ -72,6 +77,7 @@ impl VmConfig {
             mem_mib: 128,
             cpu_template: CpuTemplate::default(),
             console: ConsoleOutput::default(),
+            devices: Vec::new(),
         }
     }
 
@@ -105,8 +111,48 @@ impl VmConfig {
                 self.mem_mib
             )));
         }
+        if self.devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(Error::Config(format!(
+                "{} virtio devices requested; CRX supports up to {MAX_VIRTIO_DEVICES}",
+                self.devices.len()
+            )));
+        }
         Ok(())
     }
+
+    /// The command line the guest gets: `config.cmdline` with a `virtio_mmio.device=` entry per
+    /// device placed before the init arguments.
+    fn kernel_cmdline(&self) -> String {
+        let declared: String = (0..self.devices.len())
+            .map(|i| {
+                let (base, irq) = virtio_slot(i);
+                format!(" virtio_mmio.device=4K@{base:#x}:{irq}")
+            })
+            .collect();
+        match self.cmdline.find(" -- ") {
+            Some(split) => format!(
+                "{}{declared}{}",
+                &self.cmdline[..split],
+                &self.cmdline[split..]
+            ),
+            None if self.cmdline.ends_with(" --") => {
+                let split = self.cmdline.len() - 3;
+                format!("{}{declared} --", &self.cmdline[..split])
+            }
+            None => format!("{}{declared}", self.cmdline),
+        }
+    }
+}
+
+/// The most virtio devices: one IOAPIC pin each, from VIRTIO_IRQ_BASE to the last pin.
+const MAX_VIRTIO_DEVICES: usize = (IRQ_MAX as u32 - VIRTIO_IRQ_BASE + 1) as usize;
+
+/// The MMIO window and IRQ of the `index`th virtio device.
+fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
 }
 
 fn console_sink(console: &ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> {
@@ -134,15 +180,23 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     config.validate()?;
     let step = |name: &str| tracing::debug!("{name} at {:?}", launch.elapsed());
     install_kick_handler()?;
+    let devices = config
+        .devices
+        .iter()
+        .map(DeviceConfig::build)
+        .collect::<Result<Vec<_>, _>>()?;
+    let cmdline = config.kernel_cmdline();
     let guest_memory = memory::create(u64::from(config.mem_mib) << 20)?;
 
     // The guest image loads on a second thread while KVM is set up: reading the kernel is the
     // largest single cost of a launch.
     let (kvm_side, image) = std::thread::scope(|scope| {
-        let loader = scope.spawn(|| load_guest_image(&guest_memory, config));
+        let loader = scope.spawn(|| load_guest_image(&guest_memory, config, &cmdline));
         let kvm_side = create_vm(&guest_memory);
         step("VM created");
-        let image = loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let image = loader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
         (kvm_side, image)
     });
     let (vm, boot_vcpu) = kvm_side?;
@@ -157,13 +211,14 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     let exit = Arc::new(ExitLatch::default());
     let clock = Arc::new(BootClock::new(launch));
     let console_tail = ConsoleTail::default();
-    let buses = Arc::new(attach_devices(
-        &vm,
-        config,
-        &exit,
-        &clock,
-        console_tail.clone(),
-    )?);
+    let mut buses = attach_legacy_devices(&vm, config, &exit, &clock, console_tail.clone())?;
+    attach_virtio_devices(&vm, &mut buses, &guest_memory, &devices)?;
+    let buses = Arc::new(buses);
+    let device_loop = if devices.is_empty() {
+        None
+    } else {
+        Some(EventLoop::start(devices)?)
+    };
 
     let mut template_cpuid = vm.supported_cpuid().clone();
     cpuid::apply_template(&mut template_cpuid, config.cpu_template);
@@ -189,6 +244,7 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
         exit: exit.clone(),
         clock: clock.clone(),
         console_tail,
+        device_loop,
         vm,
         guest_memory,
     };
@@ -219,9 +275,10 @@ fn create_vm(guest_memory: &vm_memory::GuestMemoryMmap) -> Result<(Vm, Vcpu), Er
 fn load_guest_image(
     guest_memory: &vm_memory::GuestMemoryMmap,
     config: &VmConfig,
+    cmdline: &str,
 ) -> Result<(boot::LoadedKernel, usize, Option<boot::InitrdRegion>), Error> {
     let kernel = boot::load_kernel(guest_memory, &config.kernel)?;
-    let cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)?;
+    let cmdline = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE)?;
     load_cmdline(guest_memory, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| Error::Boot {
         step: "write command line",
         detail: e.to_string(),
@@ -236,7 +293,7 @@ fn load_guest_image(
 }
 
 /// The legacy devices: COM1 (irqfd on IRQ 4), the i8042, the guest status page.
-fn attach_devices(
+fn attach_legacy_devices(
     vm: &Vm,
     config: &VmConfig,
     exit: &Arc<ExitLatch>,
@@ -280,6 +337,55 @@ fn attach_devices(
     Ok(buses)
 }
 
+/// Each virtio device gets a 4 KiB MMIO window, an IOAPIC pin driven through an irqfd, and one
+/// ioeventfd per queue on its QueueNotify register (matching the queue index), so neither
+/// notifications nor interrupts pass through a vCPU thread's exit handling.
+fn attach_virtio_devices(
+    vm: &Vm,
+    buses: &mut Buses,
+    guest_memory: &vm_memory::GuestMemoryMmap,
+    devices: &[Arc<Mutex<dyn VirtioDevice>>],
+) -> Result<(), Error> {
+    for (index, device) in devices.iter().enumerate() {
+        let (base, irq) = virtio_slot(index);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.fd()
+            .register_irqfd(&irqfd, irq)
+            .map_err(|source| Error::Vm {
+                step: "KVM_IRQFD (virtio)",
+                source,
+            })?;
+        {
+            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            for (queue, event) in device.queue_events().iter().enumerate() {
+                vm.fd()
+                    .register_ioevent(
+                        event,
+                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                        queue as u32,
+                    )
+                    .map_err(|source| Error::Vm {
+                        step: "KVM_IOEVENTFD (virtio queue notify)",
+                        source,
+                    })?;
+            }
+        }
+        let transport = MmioTransport::new(
+            device.clone(),
+            guest_memory.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+        );
+        buses
+            .mmio
+            .insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))
+            .map_err(|e| Error::Boot {
+                step: "place virtio devices",
+                detail: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,8 +393,31 @@ mod tests {
     #[test]
     fn init_args_follow_a_double_dash_and_keep_spaces_quoted() {
         let c = VmConfig::new("/k").with_init_args(&["/bin/sh", "-c", "exit 3"]);
-        assert!(c.cmdline.ends_with(" -- /bin/sh -c \"exit 3\""), "{}", c.cmdline);
-        assert_eq!(VmConfig::new("/k").with_init_args::<&str>(&[]).cmdline, DEFAULT_CMDLINE);
+        assert!(
+            c.cmdline.ends_with(" -- /bin/sh -c \"exit 3\""),
+            "{}",
+            c.cmdline
+        );
+        assert_eq!(
+            VmConfig::new("/k").with_init_args::<&str>(&[]).cmdline,
+            DEFAULT_CMDLINE
+        );
+    }
+
+    #[test]
+    fn virtio_devices_are_declared_before_the_init_arguments() {
+        let mut c = VmConfig::new("/k").with_init_args(&["/bin/true"]);
+        c.devices = vec![DeviceConfig::Rng, DeviceConfig::Rng];
+        let line = c.kernel_cmdline();
+        assert!(
+            line.ends_with(" virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- /bin/true"),
+            "{line}"
+        );
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(
+            c.kernel_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
     }
 
     #[test]

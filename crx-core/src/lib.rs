@@ -57,7 +57,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel {path} is neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})")]
+    #[error(
+        "kernel {path} is neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})"
+    )]
     KernelFormat {
         path: PathBuf,
         elf: linux_loader::loader::Error,
@@ -81,6 +83,10 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
     VcpuThread(#[source] std::io::Error),
+    #[error("virtio device: {0}")]
+    Device(#[from] crx_virtio::DeviceError),
+    #[error(transparent)]
+    DeviceLoop(#[from] crx_virtio::event_loop::EventLoopError),
     #[error("cannot register the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
 }

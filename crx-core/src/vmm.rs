@@ -63,7 +63,10 @@ impl fmt::Display for VmExit {
                 write!(f, "KVM emulation failure on vCPU {vcpu} at RIP {rip:#x}")
             }
             VmExit::FailedEntry { vcpu, reason } => {
-                write!(f, "KVM could not enter vCPU {vcpu} (hardware reason {reason:#x})")
+                write!(
+                    f,
+                    "KVM could not enter vCPU {vcpu} (hardware reason {reason:#x})"
+                )
             }
             VmExit::VcpuError { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
             VmExit::StoppedByHost => f.write_str("stopped by the host"),
@@ -184,6 +187,8 @@ pub struct Vmm {
     pub(crate) exit: Arc<ExitLatch>,
     pub(crate) clock: Arc<BootClock>,
     pub(crate) console_tail: ConsoleTail,
+    /// The virtio devices' event loop (stopped after the vCPUs, before the VM goes).
+    pub(crate) device_loop: Option<crx_virtio::EventLoop>,
     // Field order is drop order: the VM fd goes before the memory it maps.
     pub(crate) vm: Vm,
     pub(crate) guest_memory: GuestMemoryMmap,
@@ -225,7 +230,9 @@ impl Vmm {
         let mut exit = self.exit.get().unwrap_or(VmExit::StoppedByHost);
         if exit == VmExit::Reset {
             if let Some(line) = tail.lines().find(|l| l.contains(PANIC_MARKER)) {
-                let message = line[line.find(PANIC_MARKER).unwrap_or(0)..].trim().to_string();
+                let message = line[line.find(PANIC_MARKER).unwrap_or(0)..]
+                    .trim()
+                    .to_string();
                 exit = VmExit::Panic { message };
             }
         }
@@ -236,7 +243,8 @@ impl Vmm {
         }
     }
 
-    /// Kicks every vCPU thread out of KVM_RUN until it has seen the exit, then joins it.
+    /// Kicks every vCPU thread out of KVM_RUN until it has seen the exit, then joins it; then
+    /// stops the device event loop.
     fn stop_vcpus(&mut self) {
         self.exit.request(VmExit::StoppedByHost);
         for handle in self.vcpu_threads.drain(..) {
@@ -249,6 +257,9 @@ impl Vmm {
             if handle.join().is_err() {
                 tracing::error!("a vCPU thread panicked");
             }
+        }
+        if let Some(mut device_loop) = self.device_loop.take() {
+            device_loop.stop();
         }
     }
 }

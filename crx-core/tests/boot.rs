@@ -6,46 +6,12 @@
 //! prints one `crx-vm-boot:` line; `cargo xtask test` counts them.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crx_core::builder::default_guest_dir;
-use crx_core::{start_vm, ConsoleOutput, CpuTemplate, Error, VmConfig, VmExit, VmOutcome};
+use crx_core::{start_vm, ConsoleOutput, CpuTemplate, Error, VmConfig, VmExit};
 
-/// A guest that has not ended by then is stopped and the test fails (the test host is slow).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn default_guest() -> VmConfig {
-    let dir = default_guest_dir();
-    let kernel = dir.join("vmlinux");
-    let initrd = dir.join("initrd.cpio");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "the default guest is missing from {} (run `cargo xtask guest`)",
-        dir.display()
-    );
-    let mut config = VmConfig::new(kernel);
-    config.initrd = Some(initrd);
-    config.console = ConsoleOutput::Discard;
-    config
-}
-
-fn boot(test: &str, config: &VmConfig) -> VmOutcome {
-    let vmm = start_vm(config).unwrap_or_else(|e| panic!("{test}: cannot start the VM: {e}"));
-    let outcome = vmm.wait_timeout(BOOT_TIMEOUT);
-    println!(
-        "crx-vm-boot: {test}: {} vCPU, {} MiB: {} (guest init at {:?})",
-        config.vcpus, config.mem_mib, outcome.exit, outcome.times.guest_init
-    );
-    outcome
-}
-
-fn expect_exit(outcome: &VmOutcome, expected: VmExit) {
-    assert_eq!(
-        outcome.exit, expected,
-        "console tail:\n{}",
-        outcome.console_tail
-    );
-}
+mod common;
+use common::{boot, default_guest, expect_exit};
 
 #[test]
 fn boots_to_init_with_1_vcpu_and_128_mib() {
@@ -54,7 +20,11 @@ fn boots_to_init_with_1_vcpu_and_128_mib() {
     }
     let outcome = boot("1 vCPU", &default_guest());
     expect_exit(&outcome, VmExit::Exited(0));
-    assert!(outcome.console_tail.contains("ready"), "{}", outcome.console_tail);
+    assert!(
+        outcome.console_tail.contains("ready"),
+        "{}",
+        outcome.console_tail
+    );
     let times = outcome.times;
     assert!(times.first_instruction.is_some() && times.guest_init.is_some());
     assert!(times.first_instruction < times.guest_init);
@@ -70,9 +40,16 @@ fn boots_with_2_vcpus_and_512_mib_and_the_guest_sees_them() {
     config.mem_mib = 512;
     let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
                   echo memkb=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo)";
-    let outcome = boot("2 vCPUs", &config.with_init_args(&["/bin/sh", "-c", script]));
+    let outcome = boot(
+        "2 vCPUs",
+        &config.with_init_args(&["/bin/sh", "-c", script]),
+    );
     expect_exit(&outcome, VmExit::Exited(0));
-    assert!(outcome.console_tail.contains("cpus=2"), "{}", outcome.console_tail);
+    assert!(
+        outcome.console_tail.contains("cpus=2"),
+        "{}",
+        outcome.console_tail
+    );
     let memkb: u64 = outcome
         .console_tail
         .lines()
@@ -92,9 +69,16 @@ fn boots_a_bzimage_through_the_64_bit_boot_protocol() {
     }
     let mut config = default_guest();
     config.kernel = default_guest_dir().join("bzImage");
-    let outcome = boot("bzImage", &config.with_init_args(&["/bin/sh", "-c", "echo via-bzimage"]));
+    let outcome = boot(
+        "bzImage",
+        &config.with_init_args(&["/bin/sh", "-c", "echo via-bzimage"]),
+    );
     expect_exit(&outcome, VmExit::Exited(0));
-    assert!(outcome.console_tail.contains("via-bzimage"), "{}", outcome.console_tail);
+    assert!(
+        outcome.console_tail.contains("via-bzimage"),
+        "{}",
+        outcome.console_tail
+    );
 }
 
 #[test]
@@ -117,9 +101,15 @@ fn the_baseline_cpu_template_hides_what_the_host_template_shows() {
     let host = flags_under(CpuTemplate::Host);
     let baseline = flags_under(CpuTemplate::Baseline);
     assert!(host.contains("has-bmi2"), "host template:\n{host}");
-    assert!(baseline.contains("no-bmi2"), "baseline template:\n{baseline}");
+    assert!(
+        baseline.contains("no-bmi2"),
+        "baseline template:\n{baseline}"
+    );
     for tail in [&host, &baseline] {
-        assert!(tail.contains("has-hypervisor") && tail.contains("no-vmx") && tail.contains("no-svm"), "{tail}");
+        assert!(
+            tail.contains("has-hypervisor") && tail.contains("no-vmx") && tail.contains("no-svm"),
+            "{tail}"
+        );
     }
 }
 
@@ -154,7 +144,10 @@ fn guest_kernel_panic_is_reported_as_a_panic() {
     let outcome = boot("panic", &config);
     match &outcome.exit {
         VmExit::Panic { message } => assert!(message.contains("Kernel panic"), "{message}"),
-        other => panic!("expected a panic, got {other}; console:\n{}", outcome.console_tail),
+        other => panic!(
+            "expected a panic, got {other}; console:\n{}",
+            outcome.console_tail
+        ),
     }
 }
 
@@ -222,11 +215,11 @@ fn a_missing_or_corrupt_kernel_is_a_clear_error() {
     let err = start_vm(&VmConfig::new(&corrupt)).err();
     std::fs::remove_file(&corrupt).unwrap();
     let message = err.as_ref().map(ToString::to_string).unwrap_or_default();
+    assert!(matches!(err, Some(Error::KernelFormat { .. })), "{message}");
     assert!(
-        matches!(err, Some(Error::KernelFormat { .. })),
+        message.contains("neither an ELF vmlinux nor a bzImage"),
         "{message}"
     );
-    assert!(message.contains("neither an ELF vmlinux nor a bzImage"), "{message}");
 }
 
 /// Open fds, threads, and resident memory of this process.

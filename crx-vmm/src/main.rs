@@ -10,7 +10,11 @@ use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
 
 #[derive(clap::Parser)]
-#[command(name = "crx-vmm", version, about = "Boot one microVM and wait for it (crx boot)")]
+#[command(
+    name = "crx-vmm",
+    version,
+    about = "Boot one microVM and wait for it (crx boot)"
+)]
 struct BootArgs {
     /// Kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [default: the default guest's vmlinux]
     #[arg(long)]
@@ -60,7 +64,10 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
                 "no default guest at {} (build it with `cargo xtask guest`, or pass --kernel)",
                 dir.display()
             );
-            (kernel, args.initrd.or_else(|| Some(dir.join("initrd.cpio"))))
+            (
+                kernel,
+                args.initrd.or_else(|| Some(dir.join("initrd.cpio"))),
+            )
         }
     };
     let mut config = VmConfig::new(kernel);
@@ -71,13 +78,17 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.cpu_template = args.cpu_template;
-    config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+    config.console = args
+        .console
+        .map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
     let config = config.with_init_args(&args.command);
 
     let vmm = crx_core::builder::start_vm_at(&config, launch).context("cannot boot the guest")?;
     let outcome = vmm.wait();
     let ms = |d: Option<std::time::Duration>| {
-        d.map_or("-".to_string(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+        d.map_or("-".to_string(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        })
     };
     eprintln!(
         "crx: {}; boot time {} (launch → guest init), VMM setup {} (launch → first instruction)",

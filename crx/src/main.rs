@@ -54,5 +54,8 @@ fn exec_vmm(args: Vec<std::ffi::OsString>, launch_ns: u64) -> anyhow::Error {
         .args(args)
         .env(crx_core::launch::LAUNCH_ENV, launch_ns.to_string())
         .exec();
-    anyhow::anyhow!("cannot run {} (it is built and installed beside crx): {error}", vmm.display())
+    anyhow::anyhow!(
+        "cannot run {} (it is built and installed beside crx): {error}",
+        vmm.display()
+    )
 }

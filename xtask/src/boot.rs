@@ -13,7 +13,15 @@ pub struct BootArgs {
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<()> {
-    crate::cargo(&["build", "--release", "--quiet", "-p", "crx", "-p", "crx-vmm"])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "crx",
+        "-p",
+        "crx-vmm",
+    ])?;
     let crx = crate::target_dir().join("release/crx");
     let mut argv = vec![PathBuf::from(crx).into_os_string(), "boot".into()];
     argv.extend(args.args.into_iter().map(Into::into));

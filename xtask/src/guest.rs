@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-
 #[derive(clap::Args)]
 pub struct GuestArgs {
     /// Install directory (default: $CRX_GUEST_DIR, else /usr/local/share/crx/guest).
@@ -71,7 +70,11 @@ fn run_script(script: &Path) -> Result<PathBuf> {
         .with_context(|| format!("{} printed no output directory", script.display()))?;
     let dir = PathBuf::from(dir);
     if !dir.is_dir() {
-        bail!("{} printed {}, not a directory", script.display(), dir.display());
+        bail!(
+            "{} printed {}, not a directory",
+            script.display(),
+            dir.display()
+        );
     }
     Ok(dir)
 }
@@ -81,7 +84,11 @@ fn run_script(script: &Path) -> Result<PathBuf> {
 fn install(src: &Path, dest_dir: &Path) -> Result<PathBuf> {
     let name = src.file_name().context("artifact without a file name")?;
     let dest = dest_dir.join(name);
-    let tmp = dest_dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dest_dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::copy(src, &tmp)
         .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;

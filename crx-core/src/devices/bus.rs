@@ -81,7 +81,9 @@ impl Bus {
 fn lock<'a>(
     device: &'a Mutex<dyn BusDevice + 'static>,
 ) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -101,7 +103,8 @@ mod tests {
     #[test]
     fn routes_by_range_and_refuses_overlaps() {
         let mut bus = Bus::default();
-        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))))
+            .unwrap();
         assert!(bus.insert(0x3fc, 8, Arc::new(Mutex::new(Echo(0)))).is_err());
         assert!(bus.insert(0x3f0, 9, Arc::new(Mutex::new(Echo(0)))).is_err());
         bus.insert(0x400, 1, Arc::new(Mutex::new(Echo(0)))).unwrap();

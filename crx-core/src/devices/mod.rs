@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod pseudo;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -88,7 +88,10 @@ mod tests {
     fn small_guests_get_one_region_large_ones_skip_the_gap() {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
         let big = ram_ranges(4 << 30);
-        assert_eq!(big[1], (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START));
+        assert_eq!(
+            big[1],
+            (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
+        );
     }
 
     #[test]
@@ -96,7 +99,11 @@ mod tests {
         let mem = create(16 << 20).unwrap();
         let region = mem.iter().next().unwrap();
         assert!(region.file_offset().is_some());
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
     }
 }

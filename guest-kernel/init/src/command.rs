@@ -22,7 +22,10 @@ impl Invocation {
     pub fn from_args(args: impl IntoIterator<Item = OsString>) -> Option<Invocation> {
         let mut args = args.into_iter();
         let program = args.next().filter(|p| !p.is_empty())?;
-        Some(Invocation { program, args: args.collect() })
+        Some(Invocation {
+            program,
+            args: args.collect(),
+        })
     }
 }
 
@@ -114,9 +117,8 @@ mod tests {
     // run() reaps with waitpid(-1), which would steal children of tests in parallel threads.
     #[test]
     fn runs_commands_and_reports_status() {
-        let run_sh = |script: &str| {
-            run(&Invocation::from_args(os(&["/bin/sh", "-c", script])).unwrap())
-        };
+        let run_sh =
+            |script: &str| run(&Invocation::from_args(os(&["/bin/sh", "-c", script])).unwrap());
         assert_eq!(run_sh("exit 0"), 0);
         assert_eq!(run_sh("exit 3"), 3);
         assert_eq!(run_sh("kill -9 $$"), 137);

@@ -28,7 +28,12 @@ impl PhysPage {
     pub fn map(phys: u64) -> Option<PhysPage> {
         const DEV_MEM: &CStr = c"/dev/mem";
         // SAFETY: plain open(2) of a NUL-terminated path; the result is checked.
-        let fd = unsafe { libc::open(DEV_MEM.as_ptr(), libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                DEV_MEM.as_ptr(),
+                libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return None;
         }
@@ -108,7 +113,11 @@ pub fn power_off() -> ! {
     let rc = unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     eprintln!(
         "crx-init: reboot failed ({}), halting here",
-        if rc != 0 { std::io::Error::last_os_error().to_string() } else { "returned".into() }
+        if rc != 0 {
+            std::io::Error::last_os_error().to_string()
+        } else {
+            "returned".into()
+        }
     );
     loop {
         // SAFETY: pause(2) has no preconditions; it only waits for a signal.

@@ -14,7 +14,13 @@ pub fn ensure_devtmpfs() {
         return;
     }
     let _ = std::fs::create_dir("/dev");
-    let _ = mount(c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID, c"mode=0755");
+    let _ = mount(
+        c"devtmpfs",
+        c"/dev",
+        c"devtmpfs",
+        libc::MS_NOSUID,
+        c"mode=0755",
+    );
 }
 
 /// Makes sure fds 0, 1 and 2 are open (on /dev/console). The kernel opens them for init only
@@ -48,7 +54,11 @@ pub fn mount_filesystems() {
     for (dir, fstype) in [(c"/proc", c"proc"), (c"/sys", c"sysfs")] {
         let _ = std::fs::create_dir(dir.to_str().unwrap_or("/"));
         if let Err(e) = mount(fstype, dir, fstype, flags, c"") {
-            eprintln!("crx-init: mount {} on {}: {e}", fstype.to_string_lossy(), dir.to_string_lossy());
+            eprintln!(
+                "crx-init: mount {} on {}: {e}",
+                fstype.to_string_lossy(),
+                dir.to_string_lossy()
+            );
         }
     }
     // cgroup2 if the kernel has it (the directory exists in sysfs with CONFIG_CGROUPS).
@@ -74,7 +84,13 @@ fn mount(
     // SAFETY: every pointer is a NUL-terminated string that outlives the call; mount(2) does
     // not keep them.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
     if rc == 0 {
         Ok(())

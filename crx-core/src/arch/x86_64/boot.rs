@@ -12,7 +12,9 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use super::regs::EntryMode;
 use super::{
@@ -238,7 +240,10 @@ mod tests {
         let map = memory_map(&mem);
         assert_eq!(map[0], (0, EBDA_START, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
-        assert_eq!(map[2], (HIMEM_START, MMIO_GAP_START - HIMEM_START, E820_RAM));
+        assert_eq!(
+            map[2],
+            (HIMEM_START, MMIO_GAP_START - HIMEM_START, E820_RAM)
+        );
         assert_eq!(map[3], (MMIO_GAP_END, 0x1000_0000, E820_RAM));
     }
 

@@ -244,7 +244,10 @@ mod tests {
     }
 
     fn find(c: &CpuId, function: u32) -> Option<kvm_cpuid_entry2> {
-        c.as_slice().iter().copied().find(|e| e.function == function)
+        c.as_slice()
+            .iter()
+            .copied()
+            .find(|e| e.function == function)
     }
 
     #[test]

@@ -84,7 +84,10 @@ mod tests {
     fn kvm_segment_scales_a_paged_limit() {
         let seg = CODE64.to_kvm_segment(0x8);
         assert_eq!(seg.limit, 0xffff_ffff);
-        assert_eq!((seg.l, seg.db, seg.g, seg.present, seg.type_), (1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (seg.l, seg.db, seg.g, seg.present, seg.type_),
+            (1, 0, 1, 1, 0xb)
+        );
         let tss = TSS.to_kvm_segment(0x18);
         assert_eq!((tss.g, tss.s, tss.limit), (0, 0, 0xfffff));
     }

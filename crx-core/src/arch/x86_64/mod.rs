@@ -50,6 +50,10 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's three-page TSS area (must not overlap RAM or devices).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// The first virtio-mmio device window; one 4 KiB window per device follows another.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The IOAPIC pin of the first virtio device; each further device takes the next pin.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IOAPIC pins: legacy IRQs 0..=23.
 pub const IRQ_MAX: u8 = 23;
 /// The 8250 serial port (COM1) and its IRQ.

@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn refuses_impossible_cpu_counts() {
-        assert!(matches!(build(0, EBDA_START), Err(MptableError::VcpuCount(0))));
+        assert!(matches!(
+            build(0, EBDA_START),
+            Err(MptableError::VcpuCount(0))
+        ));
         assert!(build(MAX_VCPUS + 1, EBDA_START).is_err());
     }
 }

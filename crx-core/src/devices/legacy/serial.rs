@@ -103,7 +103,8 @@ mod tests {
     fn transmitted_bytes_reach_the_tail_and_raise_the_irq() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let tail = ConsoleTail::default();
-        let mut uart = SerialConsole::new(irq.try_clone().unwrap(), Box::new(io::sink()), tail.clone());
+        let mut uart =
+            SerialConsole::new(irq.try_clone().unwrap(), Box::new(io::sink()), tail.clone());
         uart.write(1, &[0x02]); // IER: THR empty interrupt
         for b in b"Kernel panic" {
             uart.write(0, &[*b]);

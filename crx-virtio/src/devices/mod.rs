@@ -1,0 +1,4 @@
+//! The devices: each owns its queues' work and its host backend.
+
+pub mod block;
+pub mod rng;

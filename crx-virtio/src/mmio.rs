@@ -1,0 +1,322 @@
+//! The virtio-mmio transport, version 2 (modern): the register block a guest driver programs to
+//! negotiate features, size and place the queues and drive the device status. Queue notifications
+//! do not come through here (the VMM registers each queue's eventfd as a KVM ioeventfd on
+//! [`QUEUE_NOTIFY`]), and interrupts go out through the device's irqfd.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::device::{Activation, Interrupt, VirtioDevice};
+
+/// "virt" in little-endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+/// Vendor ID: "CRX" in ASCII.
+const VENDOR_ID: u32 = 0x0043_5258;
+
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION_REG: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID_REG: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+/// The queue notify register: the VMM registers ioeventfds here, one per queue index.
+pub const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_AVAIL_LOW: u64 = 0x090;
+const QUEUE_AVAIL_HIGH: u64 = 0x094;
+const QUEUE_USED_LOW: u64 = 0x0a0;
+const QUEUE_USED_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// The size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+/// One virtio-mmio device window.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        let queues = lock(&device)
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("queue maximum sizes are powers of two"))
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers are writable only while the driver sets the device up.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+    }
+
+    /// A register read by the guest.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 {
+            tracing::debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        let value = match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => lock(&self.device).device_type(),
+            VENDOR_ID_REG => VENDOR_ID,
+            DEVICE_FEATURES => {
+                let features = lock(&self.device).avail_features() | (1 << VIRTIO_F_VERSION_1);
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            INTERRUPT_STATUS => {
+                let mut status = self.interrupt.status();
+                if self.active && lock(&self.device).backend_signals_directly() {
+                    status |= VIRTIO_MMIO_INT_VRING;
+                }
+                status
+            }
+            STATUS => {
+                let mut status = self.status;
+                if self.interrupt.needs_reset() {
+                    status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                }
+                status
+            }
+            CONFIG_GENERATION => self.config_generation,
+            _ => {
+                tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// A register write by the guest.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            tracing::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        let value = u32::from_le_bytes(bytes);
+        let setup = self.queue_setup_allowed();
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            DRIVER_FEATURES => self.write_driver_features(value),
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NUM if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            QUEUE_READY if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_AVAIL_LOW | QUEUE_AVAIL_HIGH
+            | QUEUE_USED_LOW | QUEUE_USED_HIGH
+                if setup =>
+            {
+                if let Some(q) = self.selected_queue() {
+                    set_queue_address(q, offset, value);
+                }
+            }
+            INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            STATUS => self.write_status(value),
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to {offset:#x} ignored"),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            || self.status & VIRTIO_CONFIG_S_DRIVER == 0
+        {
+            tracing::debug!("virtio-mmio: driver features written outside negotiation");
+            return;
+        }
+        let offered = lock(&self.device).avail_features() | (1 << VIRTIO_F_VERSION_1);
+        let (shift, mask) = match self.driver_features_sel {
+            0 => (0, 0xffff_ffffu64),
+            1 => (32, 0xffff_ffff_0000_0000u64),
+            _ => return,
+        };
+        // Features the device never offered are dropped, so FEATURES_OK reflects the truth.
+        let value = (u64::from(value) << shift) & offered;
+        self.acked_features = (self.acked_features & !mask) | value;
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver may only add bits, in the spec's order; anything else fails the device.
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0
+        {
+            // A legacy driver: FEATURES_OK is not accepted (it reads back clear).
+            self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.active {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                tracing::warn!("virtio-mmio: queue {index} set up invalid; device failed");
+                self.status |= VIRTIO_CONFIG_S_FAILED;
+                return;
+            }
+        }
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        // The device takes the queues; the transport keeps copies of what the driver can read back.
+        let placeholders = self
+            .queues
+            .iter()
+            .map(|q| {
+                let mut copy = Queue::new(q.max_size()).expect("valid max size");
+                copy.set_size(q.size());
+                copy.set_ready(q.ready());
+                copy
+            })
+            .collect();
+        let mut queues = std::mem::replace(&mut self.queues, placeholders);
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.acked_features,
+        };
+        match lock(&self.device).activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                tracing::warn!(
+                    "virtio-mmio: device {} failed to activate: {e}",
+                    lock(&self.device).device_type()
+                );
+                self.status |= VIRTIO_CONFIG_S_FAILED;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active && !lock(&self.device).reset() {
+            tracing::warn!("virtio-mmio: device cannot be reset; marked failed");
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        self.active = false;
+        self.status = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.reset();
+    }
+}
+
+fn set_queue_address(q: &mut Queue, offset: u64, value: u32) {
+    match offset {
+        QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+        QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+        QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
+        QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(value)),
+        QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
+        QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
+        _ => {}
+    }
+}
+
+/// Locks a device; a poisoned lock (a panicked handler) still serves.
+pub(crate) fn lock(
+    device: &Mutex<dyn VirtioDevice>,
+) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
