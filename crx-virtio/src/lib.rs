@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use device::{Interrupt, VirtioDevice};
 pub use devices::block::BlockConfig;
+pub use devices::net::{NetConfig, TapSource};
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
 
@@ -26,6 +27,7 @@ pub use mmio::MmioTransport;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
     Block(BlockConfig),
+    Net(NetConfig),
     Rng,
 }
 
@@ -34,6 +36,8 @@ pub enum DeviceConfig {
 pub enum DeviceError {
     #[error(transparent)]
     Block(#[from] devices::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] devices::net::NetError),
     #[error("cannot create a device's eventfds: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -45,6 +49,7 @@ impl DeviceConfig {
             DeviceConfig::Block(config) => {
                 Arc::new(Mutex::new(devices::block::Block::new(config)?))
             }
+            DeviceConfig::Net(config) => Arc::new(Mutex::new(devices::net::Net::new(config)?)),
             DeviceConfig::Rng => Arc::new(Mutex::new(
                 devices::rng::Rng::new().map_err(DeviceError::EventFd)?,
             )),

@@ -1,4 +1,6 @@
 //! The devices: each owns its queues' work and its host backend.
 
 pub mod block;
+pub mod net;
 pub mod rng;
+pub mod tap;
