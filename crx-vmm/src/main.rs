@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
+use crx_virtio::{BlockConfig, DeviceConfig, NetConfig, TapSource};
 
 #[derive(clap::Parser)]
 #[command(
@@ -35,6 +36,15 @@ struct BootArgs {
     /// Write the guest console to this file instead of stdout
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Attach a raw disk image as virtio-blk: PATH[,ro][,serial=ID] (repeatable; /dev/vda, vdb, …)
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<BlockConfig>,
+    /// Attach a virtio-net interface on a tap: NAME or fd=N, [,mac=02:..] (repeatable)
+    #[arg(long = "net", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// Attach a virtio-rng entropy device
+    #[arg(long)]
+    rng: bool,
     /// Command for the guest's init to run (after `--`)
     #[arg(last = true)]
     command: Vec<String>,
@@ -81,6 +91,13 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     config.console = args
         .console
         .map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+    config.devices = args
+        .disks
+        .into_iter()
+        .map(DeviceConfig::Block)
+        .chain(args.nets.into_iter().map(DeviceConfig::Net))
+        .chain(args.rng.then_some(DeviceConfig::Rng))
+        .collect();
     let config = config.with_init_args(&args.command);
 
     let vmm = crx_core::builder::start_vm_at(&config, launch).context("cannot boot the guest")?;
@@ -103,4 +120,78 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         eprintln!("crx: last console output:\n{}", outcome.console_tail);
     }
     Ok(outcome.exit.exit_code())
+}
+
+/// `PATH[,ro][,serial=ID]`
+fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("a disk needs a path")?;
+    let mut disk = BlockConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => disk.read_only = true,
+            Some(("serial", id)) => disk.serial = Some(id.to_string()),
+            _ => return Err(format!("unknown disk option {option:?} (ro, serial=ID)")),
+        }
+    }
+    Ok(disk)
+}
+
+/// `NAME|fd=N[,mac=XX:XX:XX:XX:XX:XX]`
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let mut parts = spec.split(',');
+    let tap = match parts.next().unwrap_or_default() {
+        "" => return Err("a network interface needs a tap name or fd=N".into()),
+        first => match first.strip_prefix("fd=") {
+            Some(fd) => TapSource::Fd(fd.parse().map_err(|_| format!("bad tap fd {fd:?}"))?),
+            None => TapSource::Name(first.to_string()),
+        },
+    };
+    // A locally administered address unless told otherwise.
+    let mut mac = [0x02, 0xc7, 0, 0, 0, 1];
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", text)) => {
+                let bytes: Vec<u8> = text
+                    .split(':')
+                    .map(|b| u8::from_str_radix(b, 16))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("bad MAC {text:?}"))?;
+                mac = bytes.try_into().map_err(|_| format!("bad MAC {text:?}"))?;
+            }
+            _ => return Err(format!("unknown net option {option:?} (mac=…)")),
+        }
+    }
+    Ok(NetConfig { tap, mac })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_and_bad_ones_say_why() {
+        let disk = parse_disk("/img,ro,serial=abc").unwrap();
+        assert_eq!(disk.path, PathBuf::from("/img"));
+        assert!(disk.read_only);
+        assert_eq!(disk.serial.as_deref(), Some("abc"));
+        assert!(parse_disk("/img,rw").is_err());
+        assert!(parse_disk("").is_err());
+        let net = parse_net("fd=7,mac=02:00:00:00:00:09").unwrap();
+        assert_eq!(net.tap, TapSource::Fd(7));
+        assert_eq!(net.mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            parse_net("tap0").unwrap().tap,
+            TapSource::Name("tap0".into())
+        );
+        assert!(parse_net("tap0,mac=zz").is_err());
+        assert!(parse_net("fd=x").is_err());
+    }
 }
