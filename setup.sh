@@ -32,6 +32,18 @@ if [[ -w $thp ]] && ! grep -q '\[advise\]\|\[always\]\|\[within_size\]' "$thp"; 
     echo advise >"$thp" || log "cannot set $thp: guest RAM stays on 4 KiB pages"
 fi
 
+# Rust tools from crates.io, installed unless present.
+cargo_tool() { # CRATE [BINARY]
+    local crate=$1 bin=${2:-$1}
+    if command -v "$bin" >/dev/null || [[ -x ${CARGO_HOME:-$HOME/.cargo}/bin/$bin ]]; then
+        log "$crate: present"
+    else
+        log "installing $crate (cargo install --locked)"
+        cargo install --locked "$crate"
+    fi
+}
+cargo_tool cargo-fuzz
+
 log "building the workspace (release)"
 cargo build --release --workspace --bins
 log "building the default guest (kernel + initrd; cached)"

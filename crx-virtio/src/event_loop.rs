@@ -23,7 +23,8 @@ pub enum EventLoopError {
     Thread(#[source] std::io::Error),
 }
 
-struct DeviceSubscriber(Arc<Mutex<dyn VirtioDevice>>);
+/// A device as an event-manager subscriber (the loop thread here, or a single-threaded harness).
+pub struct DeviceSubscriber(pub Arc<Mutex<dyn VirtioDevice>>);
 
 impl MutEventSubscriber for DeviceSubscriber {
     fn process(&mut self, events: Events, ops: &mut EventOps) {

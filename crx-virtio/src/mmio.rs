@@ -22,31 +22,32 @@ const VERSION: u32 = 2;
 /// Vendor ID: "CRX" in ASCII.
 const VENDOR_ID: u32 = 0x0043_5258;
 
-const MAGIC_VALUE: u64 = 0x000;
-const VERSION_REG: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const VENDOR_ID_REG: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
+// Register offsets in the window (virtio 1.x, 4.2.2), public for drivers in tests and fuzzers.
+pub const MAGIC_VALUE: u64 = 0x000;
+pub const VERSION_REG: u64 = 0x004;
+pub const DEVICE_ID: u64 = 0x008;
+pub const VENDOR_ID_REG: u64 = 0x00c;
+pub const DEVICE_FEATURES: u64 = 0x010;
+pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const DRIVER_FEATURES: u64 = 0x020;
+pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const QUEUE_SEL: u64 = 0x030;
+pub const QUEUE_NUM_MAX: u64 = 0x034;
+pub const QUEUE_NUM: u64 = 0x038;
+pub const QUEUE_READY: u64 = 0x044;
 /// The queue notify register: the VMM registers ioeventfds here, one per queue index.
 pub const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_AVAIL_LOW: u64 = 0x090;
-const QUEUE_AVAIL_HIGH: u64 = 0x094;
-const QUEUE_USED_LOW: u64 = 0x0a0;
-const QUEUE_USED_HIGH: u64 = 0x0a4;
-const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG_SPACE: u64 = 0x100;
+pub const INTERRUPT_STATUS: u64 = 0x060;
+pub const INTERRUPT_ACK: u64 = 0x064;
+pub const STATUS: u64 = 0x070;
+pub const QUEUE_DESC_LOW: u64 = 0x080;
+pub const QUEUE_DESC_HIGH: u64 = 0x084;
+pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+pub const QUEUE_USED_LOW: u64 = 0x0a0;
+pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+pub const CONFIG_GENERATION: u64 = 0x0fc;
+pub const CONFIG_SPACE: u64 = 0x100;
 
 /// The size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod boot;
+mod fuzz;
 mod guest;
 mod kvm_here;
 mod suite;
@@ -32,6 +33,8 @@ enum Task {
     Test,
     /// Run the benchmarks (criterion; peers side by side).
     Bench(bench::BenchArgs),
+    /// Run the cargo-fuzz targets for a bounded time each.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Task::Boot(args) => boot::run(args),
         Task::Test => suite::run(),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the whole test suite. Runs `cargo test --workspace` (VM tests boot real
 //! guests, inside the test host where /dev/kvm is PVM), checks that the benches build, counts the
-//! guest boots the VM tests reported, and stops the test host.
+//! guest boots the VM tests reported, stops the test host, and runs the fuzz targets (60 s in all).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -42,5 +42,5 @@ pub fn run() -> anyhow::Result<()> {
     if boots == 0 {
         bail!("the VM tests booted no guest");
     }
-    Ok(())
+    crate::fuzz::run(crate::fuzz::FuzzArgs::suite())
 }
