@@ -130,6 +130,18 @@ pub struct Bench {
 }
 
 /// One boot's figures, each as the VMM itself reports it (time since the VMM started).
+/// Host backends for a workload's virtio devices, attached the same way under every VMM.
+#[derive(Clone, Debug, Default)]
+pub struct Devices {
+    /// A raw disk image (the guest's /dev/vda).
+    pub disk: Option<PathBuf>,
+    /// A tap interface by name (the guest's eth0), already up on the host.
+    pub tap: Option<String>,
+}
+
+/// The guest's MAC on a bench tap.
+pub const GUEST_MAC: &str = "02:c7:00:00:00:01";
+
 #[derive(Clone, Copy, Debug)]
 pub struct BootSample {
     pub guest_init: Duration,
@@ -176,7 +188,7 @@ impl Bench {
     }
 
     /// The command that boots the bench guest under `vmm` with init arguments `init_args`.
-    fn command(&self, vmm: Vmm, init_args: &str) -> Result<Command, BenchError> {
+    fn command(&self, vmm: Vmm, init_args: &str, devices: &Devices) -> Result<Command, BenchError> {
         let cmdline = if init_args.is_empty() {
             DEFAULT_CMDLINE.to_string()
         } else {
@@ -194,6 +206,12 @@ impl Bench {
                     .arg(&cmdline)
                     .arg("--mem-mib")
                     .arg(MEM_MIB.to_string());
+                if let Some(disk) = &devices.disk {
+                    cmd.arg("--disk").arg(disk);
+                }
+                if let Some(tap) = &devices.tap {
+                    cmd.arg("--net").arg(format!("{tap},mac={GUEST_MAC}"));
+                }
                 cmd
             }
             Vmm::Firecracker => {
@@ -202,13 +220,20 @@ impl Bench {
                 std::fs::write(&log, b"")?;
                 let config = format!(
                     r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
-                        "drives": [],
+                        "drives": [{drives}],
+                        "network-interfaces": [{nets}],
                         "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
                         "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
                     k = self.kernel,
                     i = self.initrd,
                     c = cmdline,
                     l = log,
+                    drives = devices.disk.as_ref().map_or(String::new(), |d| format!(
+                        r#"{{"drive_id": "vda", "path_on_host": {d:?}, "is_root_device": false, "is_read_only": false}}"#
+                    )),
+                    nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
+                        r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
+                    )),
                 );
                 let config_path = dir.join("vm.json");
                 std::fs::write(&config_path, config)?;
@@ -241,7 +266,7 @@ impl Bench {
 
     /// Boots the default guest once under `vmm` and returns its own boot-time report.
     pub fn boot_once(&self, vmm: Vmm) -> Result<BootSample, BenchError> {
-        let mut cmd = self.command(vmm, "")?;
+        let mut cmd = self.command(vmm, "", &Devices::default())?;
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|source| BenchError::Spawn {
             vmm: vmm.name(),
@@ -296,10 +321,24 @@ impl Bench {
         }
     }
 
+    /// Boots under `vmm` with `devices`, runs `script` with the guest's /bin/sh (no double quotes
+    /// in it: it travels on the kernel command line) and returns the guest console's output.
+    /// Only VMMs that exit when the guest does (CRX, Firecracker) run workloads.
+    pub fn run_workload(&self, vmm: Vmm, devices: &Devices, script: &str) -> Result<String, BenchError> {
+        let mut cmd = self.command(vmm, &format!("/bin/sh -c \"{script}\""), devices)?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|source| BenchError::Spawn {
+            vmm: vmm.name(),
+            source,
+        })?;
+        let output = wait_with_deadline(child, vmm)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// VMM overhead memory in KiB: the RSS of every mapping of the VMM process except guest RAM,
     /// taken once the guest's init is running.
     pub fn overhead_rss_kib(&self, vmm: Vmm) -> Result<u64, BenchError> {
-        let mut cmd = self.command(vmm, "/bin/sh -c \"echo measure-now; sleep 30\"")?;
+        let mut cmd = self.command(vmm, "/bin/sh -c \"echo measure-now; sleep 30\"", &Devices::default())?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
             vmm: vmm.name(),

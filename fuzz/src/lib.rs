@@ -30,7 +30,9 @@ fn read(t: &mut MmioTransport, offset: u64) -> u32 {
 }
 
 /// Runs one input against `device`. Input byte 0 picks driver choices (bit 0: decline
-/// EVENT_IDX, bits 1–3: log2 of the queue size); the rest is guest memory from address 0.
+/// EVENT_IDX, bits 1–3: log2 of the queue size, bit 4: fold descriptor addresses and lengths
+/// into guest RAM, so that most chains are well formed and the device's parsing, not only its
+/// bounds checks, is reached); the rest is guest memory from address 0.
 pub fn run(device: Arc<Mutex<dyn VirtioDevice>>, data: &[u8]) {
     let Some((&choices, image)) = data.split_first() else {
         return;
@@ -39,6 +41,11 @@ pub fn run(device: Arc<Mutex<dyn VirtioDevice>>, data: &[u8]) {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     mem.write_slice(&image[..image.len().min(MEM_SIZE)], GuestAddress(0))
         .expect("image fits");
+    let queue_count = device.lock().unwrap().queue_max_sizes().len();
+    let size = 1u32 << ((choices >> 1) & 7).min(4);
+    if choices & 0x10 != 0 {
+        fold_descriptors(&mem, queue_count, size);
+    }
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
     let interrupt = Arc::new(Interrupt::new(irqfd));
     let mut transport = MmioTransport::new(device.clone(), mem, interrupt.clone());
@@ -55,8 +62,6 @@ pub fn run(device: Arc<Mutex<dyn VirtioDevice>>, data: &[u8]) {
         write(&mut transport, DRIVER_FEATURES, offered);
     }
     write(&mut transport, STATUS, 0xb);
-    let queue_count = device.lock().unwrap().queue_max_sizes().len();
-    let size = 1u32 << ((choices >> 1) & 7).min(4);
     for q in 0..queue_count as u32 {
         let base = u64::from(q) * QUEUE_BLOCK;
         write(&mut transport, QUEUE_SEL, q);
@@ -81,4 +86,27 @@ pub fn run(device: Arc<Mutex<dyn VirtioDevice>>, data: &[u8]) {
     let _ = read(&mut transport, STATUS);
     let _ = read(&mut transport, INTERRUPT_STATUS);
     write(&mut transport, STATUS, 0);
+}
+
+/// Rewrites each queue's descriptors to point inside guest RAM with modest lengths and in-range
+/// `next` indexes, and its available ring's entries to valid heads (flags and the ring index are
+/// left as the input made them).
+fn fold_descriptors(mem: &GuestMemoryMmap, queue_count: usize, size: u32) {
+    for q in 0..queue_count as u64 {
+        let base = q * QUEUE_BLOCK;
+        for d in 0..u64::from(size) {
+            let at = GuestAddress(base + d * 16);
+            let addr: u64 = mem.read_obj(at).unwrap_or(0);
+            let len: u32 = mem.read_obj(GuestAddress(at.0 + 8)).unwrap_or(0);
+            let next: u16 = mem.read_obj(GuestAddress(at.0 + 14)).unwrap_or(0);
+            let _ = mem.write_obj(addr % MEM_SIZE as u64, at);
+            let _ = mem.write_obj(len % 0x1000, GuestAddress(at.0 + 8));
+            let _ = mem.write_obj(next % size as u16, GuestAddress(at.0 + 14));
+        }
+        for slot in 0..u64::from(size) {
+            let at = GuestAddress(base + 0x100 + 4 + slot * 2);
+            let head: u16 = mem.read_obj(at).unwrap_or(0);
+            let _ = mem.write_obj(head % size as u16, at);
+        }
+    }
 }
