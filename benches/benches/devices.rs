@@ -47,7 +47,10 @@ impl BenchTap {
             vec!["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP],
             vec!["link", "set", TAP, "up"],
         ] {
-            let ok = Command::new("ip").args(&args).status().is_ok_and(|s| s.success());
+            let ok = Command::new("ip")
+                .args(&args)
+                .status()
+                .is_ok_and(|s| s.success());
             assert!(ok, "devices bench: ip {args:?} failed");
         }
         BenchTap
@@ -143,7 +146,8 @@ fn main() {
                 let console = bench
                     .run_workload(vmm, &workload.devices, &workload.script)
                     .map_err(|e| e.to_string())?;
-                guest_elapsed(&console).ok_or_else(|| format!("no timing in the console:\n{console}"))
+                guest_elapsed(&console)
+                    .ok_or_else(|| format!("no timing in the console:\n{console}"))
             };
             if let Err(e) = run() {
                 eprintln!("devices bench: {} {}: {e}", vmm.name(), workload.name);
@@ -155,7 +159,10 @@ fn main() {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let elapsed = run().unwrap_or_else(|e| panic!("devices bench: {e}"));
-                        results.entry((workload.name, vmm.name())).or_default().push(elapsed);
+                        results
+                            .entry((workload.name, vmm.name()))
+                            .or_default()
+                            .push(elapsed);
                         total += elapsed;
                     }
                     total
@@ -171,11 +178,16 @@ fn main() {
             .get(&(workload.name, "firecracker"))
             .map(|s| median_p99(s).0);
         for &vmm in &vmms {
-            let Some(samples) = results.get(&(workload.name, vmm.name())) else { continue };
+            let Some(samples) = results.get(&(workload.name, vmm.name())) else {
+                continue;
+            };
             let (median, _) = median_p99(samples);
             let rate = workload.mib as f64 / median.as_secs_f64();
             let ratio = reference.map_or("-".into(), |r| {
-                format!("{:.2}x firecracker's rate", r.as_secs_f64() / median.as_secs_f64())
+                format!(
+                    "{:.2}x firecracker's rate",
+                    r.as_secs_f64() / median.as_secs_f64()
+                )
             });
             println!(
                 "  {:<22} {:<12} n={:<3} {rate:>8.1} MiB/s  {ratio}",
@@ -186,5 +198,8 @@ fn main() {
         }
     }
     criterion.final_summary();
-    assert!(failures.is_empty(), "devices bench: failed for {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "devices bench: failed for {failures:?}"
+    );
 }

@@ -324,7 +324,12 @@ impl Bench {
     /// Boots under `vmm` with `devices`, runs `script` with the guest's /bin/sh (no double quotes
     /// in it: it travels on the kernel command line) and returns the guest console's output.
     /// Only VMMs that exit when the guest does (CRX, Firecracker) run workloads.
-    pub fn run_workload(&self, vmm: Vmm, devices: &Devices, script: &str) -> Result<String, BenchError> {
+    pub fn run_workload(
+        &self,
+        vmm: Vmm,
+        devices: &Devices,
+        script: &str,
+    ) -> Result<String, BenchError> {
         let mut cmd = self.command(vmm, &format!("/bin/sh -c \"{script}\""), devices)?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|source| BenchError::Spawn {
@@ -338,7 +343,11 @@ impl Bench {
     /// VMM overhead memory in KiB: the RSS of every mapping of the VMM process except guest RAM,
     /// taken once the guest's init is running.
     pub fn overhead_rss_kib(&self, vmm: Vmm) -> Result<u64, BenchError> {
-        let mut cmd = self.command(vmm, "/bin/sh -c \"echo measure-now; sleep 30\"", &Devices::default())?;
+        let mut cmd = self.command(
+            vmm,
+            "/bin/sh -c \"echo measure-now; sleep 30\"",
+            &Devices::default(),
+        )?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
             vmm: vmm.name(),

@@ -321,3 +321,107 @@ pub(crate) fn lock(
 ) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
     device.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rng::Rng;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn transport() -> MmioTransport {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        MmioTransport::new(Arc::new(Mutex::new(Rng::new().unwrap())), mem, interrupt)
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn identifies_itself_as_a_modern_device() {
+        let mut t = transport();
+        assert_eq!(r(&mut t, MAGIC_VALUE), MAGIC);
+        assert_eq!(r(&mut t, VERSION_REG), 2);
+        assert_eq!(r(&mut t, DEVICE_ID), 4);
+        w(&mut t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "VERSION_1 is offered");
+        let mut short = [0u8; 2];
+        t.read(STATUS, &mut short);
+        assert_eq!(short, [0, 0], "only 32-bit register reads");
+    }
+
+    #[test]
+    fn negotiation_keeps_only_offered_features_and_refuses_legacy_drivers() {
+        let mut t = transport();
+        w(&mut t, STATUS, 3);
+        w(&mut t, DRIVER_FEATURES_SEL, 0);
+        w(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+        w(&mut t, STATUS, 0xb);
+        assert_eq!(
+            r(&mut t, STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "no VERSION_1: refused"
+        );
+        assert_eq!(t.acked_features, 0, "rng offers nothing in the low word");
+        w(&mut t, DRIVER_FEATURES_SEL, 1);
+        w(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features, 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, STATUS, 0xb);
+        assert_ne!(r(&mut t, STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queues_are_set_up_only_during_negotiation_and_reset_clears_them() {
+        let mut t = transport();
+        w(&mut t, QUEUE_NUM, 16);
+        assert_eq!(t.queues[0].size(), 256, "ignored before FEATURES_OK");
+        w(&mut t, STATUS, 3);
+        w(&mut t, DRIVER_FEATURES_SEL, 1);
+        w(&mut t, DRIVER_FEATURES, 1);
+        w(&mut t, STATUS, 0xb);
+        w(&mut t, QUEUE_SEL, 0);
+        w(&mut t, QUEUE_NUM, 16);
+        w(&mut t, QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, QUEUE_AVAIL_LOW, 0x2000);
+        w(&mut t, QUEUE_USED_LOW, 0x3000);
+        w(&mut t, QUEUE_READY, 1);
+        assert_eq!(r(&mut t, QUEUE_READY), 1);
+        w(&mut t, QUEUE_SEL, 7);
+        assert_eq!(r(&mut t, QUEUE_NUM_MAX), 0, "no such queue");
+        w(&mut t, STATUS, 0xf);
+        assert!(t.active);
+        w(&mut t, STATUS, 0x3);
+        assert_ne!(
+            r(&mut t, STATUS) & VIRTIO_CONFIG_S_FAILED,
+            0,
+            "clearing bits fails the device"
+        );
+        w(&mut t, STATUS, 0);
+        assert_eq!(r(&mut t, STATUS), 0);
+        assert!(!t.active);
+        assert!(!t.queues[0].ready());
+    }
+
+    #[test]
+    fn queues_outside_guest_memory_fail_activation() {
+        let mut t = transport();
+        w(&mut t, STATUS, 3);
+        w(&mut t, DRIVER_FEATURES_SEL, 1);
+        w(&mut t, DRIVER_FEATURES, 1);
+        w(&mut t, STATUS, 0xb);
+        w(&mut t, QUEUE_NUM, 16);
+        w(&mut t, QUEUE_DESC_LOW, 0xffff_0000);
+        w(&mut t, QUEUE_READY, 1);
+        w(&mut t, STATUS, 0xf);
+        assert!(!t.active);
+        assert_ne!(r(&mut t, STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+    }
+}
