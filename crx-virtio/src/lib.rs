@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use device::{Interrupt, VirtioDevice};
 pub use devices::block::BlockConfig;
+pub use devices::fs::{FsConfig, FsSandbox};
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
 
@@ -27,6 +28,8 @@ pub use mmio::MmioTransport;
 pub enum DeviceConfig {
     Block(BlockConfig),
     Rng,
+    /// virtio-fs served by a virtiofsd child process (vhost-user).
+    Fs(FsConfig),
 }
 
 /// Why a configured device could not be created.
@@ -34,6 +37,8 @@ pub enum DeviceConfig {
 pub enum DeviceError {
     #[error(transparent)]
     Block(#[from] devices::block::BlockError),
+    #[error(transparent)]
+    Fs(#[from] devices::fs::FsError),
     #[error("cannot create a device's eventfds: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -48,6 +53,7 @@ impl DeviceConfig {
             DeviceConfig::Rng => Arc::new(Mutex::new(
                 devices::rng::Rng::new().map_err(DeviceError::EventFd)?,
             )),
+            DeviceConfig::Fs(config) => Arc::new(Mutex::new(devices::fs::Fs::new(config)?)),
         })
     }
 }

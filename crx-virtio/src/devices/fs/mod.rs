@@ -1,0 +1,399 @@
+//! virtio-fs as a vhost-user frontend to virtiofsd: the device owns a virtiofsd child process
+//! ([`virtiofsd`]), negotiates features with it when it is built, and at DRIVER_OK hands it the
+//! guest RAM (the memfd regions), the rings, each queue's ioeventfd as the kick fd and the
+//! device's irqfd as the call fd, so requests and replies never pass through the VMM. The VMM
+//! only watches the child (a pidfd on the event loop): when virtiofsd dies it logs the exit, marks
+//! the device as needing a reset and answers every pending and later request with ENOTCONN
+//! ([`orphaned`]). Dropping the device kills and reaps virtiofsd and removes its socket.
+//!
+//! virtiofsd runs with `--cache=auto --thread-pool-size=0` and the sandbox [`FsConfig::sandbox`]
+//! asks for. In CRX's test host (root in a Debian 6.1 L1 VM whose root is 9p with a tmpfs
+//! overlay, shared directory under /tmp) the default `namespace` sandbox works.
+
+mod orphaned;
+mod virtiofsd;
+
+use std::path::PathBuf;
+
+use event_manager::{EventOps, EventSet, Events};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::base::Active;
+use crate::device::{
+    consume, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
+};
+use virtiofsd::Virtiofsd;
+
+/// The longest tag the configuration space holds.
+pub const TAG_MAX_LEN: usize = 36;
+const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+/// The vhost-user feature bit that enables protocol feature negotiation.
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The virtio features this transport can pass through from virtiofsd to the guest.
+const PASSED_THROUGH_FEATURES: u64 =
+    1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX;
+
+/// How virtiofsd isolates itself (its `--sandbox`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsSandbox {
+    /// New mount, PID and network namespaces with the shared directory as root (needs root or a
+    /// user namespace).
+    #[default]
+    Namespace,
+    /// chroot(2) into the shared directory (needs root).
+    Chroot,
+    /// No isolation: for unprivileged use.
+    None,
+}
+
+impl FsSandbox {
+    fn as_arg(self) -> &'static str {
+        match self {
+            FsSandbox::Namespace => "namespace",
+            FsSandbox::Chroot => "chroot",
+            FsSandbox::None => "none",
+        }
+    }
+}
+
+/// A host directory shared with the guest under a mount tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts (`mount -t virtiofs TAG /mnt`); at most 36 bytes.
+    pub tag: String,
+    pub shared_dir: PathBuf,
+    /// The virtiofsd binary; `None` looks for `virtiofsd` on PATH, then in ~/.cargo/bin.
+    pub virtiofsd: Option<PathBuf>,
+    /// Where the vhost-user socket is created; `None` is the temporary directory.
+    pub socket_dir: Option<PathBuf>,
+    pub sandbox: FsSandbox,
+    pub num_request_queues: u16,
+    /// The size of every queue (a power of two).
+    pub queue_size: u16,
+}
+
+impl FsConfig {
+    /// One request queue of 256 entries, virtiofsd found on PATH, namespace sandbox.
+    pub fn new(tag: impl Into<String>, shared_dir: impl Into<PathBuf>) -> Self {
+        FsConfig {
+            tag: tag.into(),
+            shared_dir: shared_dir.into(),
+            virtiofsd: None,
+            socket_dir: None,
+            sandbox: FsSandbox::default(),
+            num_request_queues: 1,
+            queue_size: 256,
+        }
+    }
+}
+
+/// Why a virtio-fs device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("virtio-fs tag {0:?} must be 1 to 36 bytes")]
+    InvalidTag(String),
+    #[error("virtio-fs needs 1 or more request queues and a power-of-two queue size")]
+    InvalidQueues,
+    #[error("virtio-fs shared directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("virtiofsd is neither on PATH nor in ~/.cargo/bin (cargo install virtiofsd --locked)")]
+    VirtiofsdNotFound,
+    #[error("cannot start virtiofsd {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch virtiofsd (pidfd_open): {0}")]
+    Pidfd(#[source] std::io::Error),
+    #[error("cannot wait for virtiofsd: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("virtiofsd exited at start: {0}")]
+    ExitedAtStart(std::process::ExitStatus),
+    #[error("virtiofsd did not create its socket {0} in time")]
+    SocketTimeout(PathBuf),
+    #[error("vhost-user {step} with virtiofsd failed: {source}")]
+    VhostUser {
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("cannot create the device's eventfds: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+fn vhost_step(step: &'static str) -> impl FnOnce(vhost::Error) -> FsError {
+    move |source| FsError::VhostUser { step, source }
+}
+
+/// A virtio-fs device served by virtiofsd.
+pub struct Fs {
+    tag: String,
+    config_space: [u8; CONFIG_LEN],
+    queue_max_sizes: Vec<u16>,
+    queue_events: Vec<EventFd>,
+    /// What virtiofsd offers (virtio and vhost-user bits).
+    backend_features: u64,
+    frontend: Frontend,
+    virtiofsd: Virtiofsd,
+    /// False once virtiofsd has exited: the device then answers requests itself.
+    backend_alive: bool,
+    active: Option<Active>,
+}
+
+impl Fs {
+    /// Starts virtiofsd and negotiates the vhost-user session up to the point that needs the
+    /// driver (features it acks, memory, rings).
+    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        if config.tag.is_empty() || config.tag.len() > TAG_MAX_LEN {
+            return Err(FsError::InvalidTag(config.tag.clone()));
+        }
+        if config.num_request_queues == 0 || !config.queue_size.is_power_of_two() {
+            return Err(FsError::InvalidQueues);
+        }
+        if !config.shared_dir.is_dir() {
+            return Err(FsError::NotADirectory(config.shared_dir.clone()));
+        }
+        let num_queues = 1 + usize::from(config.num_request_queues);
+        let queue_events = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(FsError::EventFd)?;
+        let virtiofsd = Virtiofsd::start(config)?;
+        let mut frontend = Frontend::connect(virtiofsd.socket_path(), num_queues as u64)
+            .map_err(vhost_step("connect"))?;
+        frontend.set_owner().map_err(vhost_step("SET_OWNER"))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(vhost_step("GET_FEATURES"))?;
+        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(vhost_step("GET_PROTOCOL_FEATURES"))?;
+            let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+            let acked = offered & wanted;
+            frontend
+                .set_protocol_features(acked)
+                .map_err(vhost_step("SET_PROTOCOL_FEATURES"))?;
+            if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every later request is acknowledged, so a failure shows at activation.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
+        config_space[TAG_MAX_LEN..]
+            .copy_from_slice(&u32::from(config.num_request_queues).to_le_bytes());
+        tracing::debug!(
+            "virtio-fs {}: virtiofsd pid {} offers features {backend_features:#x}",
+            config.tag,
+            virtiofsd.pid()
+        );
+        Ok(Fs {
+            tag: config.tag.clone(),
+            config_space,
+            queue_max_sizes: vec![config.queue_size; num_queues],
+            queue_events,
+            backend_features,
+            frontend,
+            virtiofsd,
+            backend_alive: true,
+            active: None,
+        })
+    }
+
+    /// Hands the driver's queues to virtiofsd.
+    fn start_backend(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[Queue],
+        interrupt: &Interrupt,
+        acked_features: u64,
+    ) -> Result<(), FsError> {
+        let protocol = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES;
+        self.frontend
+            .set_features(acked_features & self.backend_features | protocol)
+            .map_err(vhost_step("SET_FEATURES"))?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(vhost_step("guest memory regions"))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(vhost_step("SET_MEM_TABLE"))?;
+        for (index, queue) in queues.iter().enumerate() {
+            let host = |addr: u64| {
+                mem.get_host_address(GuestAddress(addr))
+                    .map(|p| p as u64)
+                    .map_err(|_| FsError::VhostUser {
+                        step: "ring address",
+                        source: vhost::Error::InvalidGuestMemory,
+                    })
+            };
+            let ring = VringConfigData {
+                queue_max_size: queue.max_size(),
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: host(queue.desc_table())?,
+                used_ring_addr: host(queue.used_ring())?,
+                avail_ring_addr: host(queue.avail_ring())?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(index, queue.size())
+                .map_err(vhost_step("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(index, &ring)
+                .map_err(vhost_step("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(index, queue.next_avail())
+                .map_err(vhost_step("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(index, interrupt.irqfd())
+                .map_err(vhost_step("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(index, &self.queue_events[index])
+                .map_err(vhost_step("SET_VRING_KICK"))?;
+            if protocol != 0 {
+                self.frontend
+                    .set_vring_enable(index, true)
+                    .map_err(vhost_step("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// virtiofsd's pidfd became readable: reap it, report it, and take the queues over.
+    fn backend_exited(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.remove(Events::new(&self.virtiofsd.exit_event(), EventSet::IN)) {
+            tracing::warn!("virtio-fs {}: cannot unwatch virtiofsd: {e}", self.tag);
+        }
+        let status = match self.virtiofsd.reap() {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        tracing::error!(
+            "virtiofsd for tag {} (pid {}) exited: status {status}; the guest's requests on {} now fail with ENOTCONN",
+            self.tag,
+            self.virtiofsd.pid(),
+            self.tag,
+        );
+        self.backend_alive = false;
+        for event in &self.queue_events {
+            if let Err(e) = ops.add(Events::new(event, EventSet::IN)) {
+                tracing::error!("virtio-fs {}: cannot watch a queue: {e}", self.tag);
+            }
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.interrupt.mark_needs_reset();
+        if let Err(e) = orphaned::take_over(&mut active.queues, &active.mem) {
+            tracing::error!("{e}");
+            return;
+        }
+        for queue in &mut active.queues {
+            orphaned::fail_requests(queue, &active.mem, &active.interrupt);
+        }
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.backend_features & PASSED_THROUGH_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if activation.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(ActivateError::LegacyDriver);
+        }
+        if let Some(index) = activation.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::InvalidQueue(index));
+        }
+        if !self.backend_alive {
+            return Err(ActivateError::Backend(format!(
+                "virtiofsd for tag {} has exited",
+                self.tag
+            )));
+        }
+        self.start_backend(
+            &activation.mem,
+            &activation.queues,
+            &activation.interrupt,
+            activation.acked_features,
+        )
+        .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        self.active = Some(Active {
+            mem: activation.mem,
+            queues: activation.queues,
+            interrupt: activation.interrupt,
+            acked_features: activation.acked_features,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if self.active.take().is_some() && self.backend_alive {
+            // GET_VRING_BASE stops a ring; a later activation sets everything up again.
+            for index in 0..self.queue_events.len() {
+                if let Err(e) = self.frontend.get_vring_base(index) {
+                    tracing::warn!("virtio-fs {}: stopping ring {index}: {e}", self.tag);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn backend_signals_directly(&self) -> bool {
+        self.backend_alive
+    }
+
+    fn init_events(&mut self, ops: &mut EventOps) {
+        // The queue events are virtiofsd's kick fds: the loop watches them only once it is gone.
+        if let Err(e) = ops.add(Events::new(&self.virtiofsd.exit_event(), EventSet::IN)) {
+            tracing::error!("virtio-fs {}: cannot watch virtiofsd: {e}", self.tag);
+        }
+    }
+
+    fn process_event(&mut self, events: Events, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        let fd = events.fd();
+        if fd == self.virtiofsd.exit_event().as_raw_fd() {
+            self.backend_exited(ops);
+            return;
+        }
+        let Some(index) = self.queue_events.iter().position(|e| e.as_raw_fd() == fd) else {
+            return;
+        };
+        consume(&self.queue_events[index]);
+        if let Some(active) = self.active.as_mut() {
+            orphaned::fail_requests(&mut active.queues[index], &active.mem, &active.interrupt);
+        }
+    }
+}
