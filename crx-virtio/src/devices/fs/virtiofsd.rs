@@ -1,6 +1,7 @@
 //! The virtiofsd child process behind one virtio-fs device: finding the binary, starting it on a
 //! fresh vhost-user socket, waiting for that socket, watching the child through a pidfd, and
-//! killing and reaping it (and removing its socket) when the device goes.
+//! killing and reaping it (and removing its socket and the `<socket>.pid` file virtiofsd writes
+//! beside it) when the device goes.
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -128,9 +129,13 @@ impl Drop for Virtiofsd {
         if let Err(e) = self.child.wait() {
             tracing::warn!("cannot reap virtiofsd (pid {}): {e}", self.child.id());
         }
-        if let Err(e) = std::fs::remove_file(&self.socket_path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("cannot remove {}: {e}", self.socket_path.display());
+        let mut pid_file = self.socket_path.clone().into_os_string();
+        pid_file.push(".pid");
+        for path in [self.socket_path.as_path(), Path::new(&pid_file)] {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove {}: {e}", path.display());
+                }
             }
         }
     }
