@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt, builds the
-# workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
+# Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt and virtiofsd
+# (the virtio-fs backend, `cargo install`), builds the workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
 # and, where this host's /dev/kvm is PVM, prepares the KVM test host (QEMU TCG + kvm_amd).
 # Idempotent: a second run installs nothing and rebuilds nothing that is unchanged.
 set -euo pipefail
@@ -30,6 +30,15 @@ thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
 if [[ -w $thp ]] && ! grep -q '\[advise\]\|\[always\]\|\[within_size\]' "$thp"; then
     log "letting guest RAM (memfd, MADV_HUGEPAGE) use transparent huge pages: advise > $thp"
     echo advise >"$thp" || log "cannot set $thp: guest RAM stays on 4 KiB pages"
+fi
+
+# virtio-fs devices start virtiofsd, found on PATH or in ~/.cargo/bin.
+cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+if virtiofsd --version >/dev/null 2>&1 || "$cargo_bin/virtiofsd" --version >/dev/null 2>&1; then
+    log "virtiofsd: present"
+else
+    log "installing virtiofsd (cargo install --locked; a few minutes)"
+    cargo install virtiofsd --locked
 fi
 
 log "building the workspace (release)"
