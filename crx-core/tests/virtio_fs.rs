@@ -230,12 +230,16 @@ fn killing_virtiofsd_mid_use_fails_the_guests_requests_and_the_vm_ends() {
     host_log();
     let scratch = Scratch::new("kill", "/tmp");
     let shared = scratch.shared();
-    std::fs::write(shared.join("data"), pattern(256 << 10)).unwrap();
-    // The guest reads the file in a loop until a read fails, then reports the error and what a
-    // fresh access (a listing, a create) sees on the dead mount.
+    // Large enough that the kill most likely lands while a read is being served.
+    std::fs::write(shared.join("data"), pattern(4 << 20)).unwrap();
+    // The guest reads the file in a loop until a read fails (announcing the third read to the host
+    // through the share), then reports the error and what fresh accesses (a listing, a create)
+    // see on the dead mount.
     let script = mounted(
-        "echo up > /mnt/ready || exit 91; n=0; \
-         while cat /mnt/data > /dev/null 2> /cat.err; do n=$((n+1)); done; \
+        "n=0; \
+         while cat /mnt/data > /dev/null 2> /cat.err; do \
+           n=$((n+1)); [ $n = 3 ] && echo up > /mnt/ready; \
+         done; \
          echo reads=$n; echo read-error=$(cat /cat.err); \
          echo ls-error=$(ls /mnt/ 2>&1 >/dev/null); \
          echo create-error=$(echo x 2>&1 > /mnt/new-file)",
@@ -247,12 +251,11 @@ fn killing_virtiofsd_mid_use_fails_the_guests_requests_and_the_vm_ends() {
     while !shared.join("ready").exists() {
         assert!(
             Instant::now() < deadline,
-            "the guest never mounted the share"
+            "the guest never reached its third read of the share"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let a few reads run, then kill virtiofsd with requests in flight.
-    std::thread::sleep(Duration::from_millis(500));
+    // The guest keeps reading: kill virtiofsd with requests in flight.
     let pids = scratch.virtiofsd_pids();
     assert_eq!(pids.len(), 1, "virtiofsd processes: {pids:?}");
     // SAFETY: kill(2) on a pid of our own child, found by its socket path.
@@ -268,15 +271,19 @@ fn killing_virtiofsd_mid_use_fails_the_guests_requests_and_the_vm_ends() {
         started.elapsed()
     );
     expect_exit(&outcome, VmExit::Exited(0));
+    let log = String::from_utf8_lossy(&host_log().lock().unwrap()).into_owned();
     println!(
-        "guest saw:\n{}",
+        "guest saw, and the host log:\n{}",
         outcome
             .console_tail
             .lines()
             .filter(|l| l.contains("error=") || l.contains("reads="))
+            .chain(log.lines().filter(|l| l.contains("left unanswered")))
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let reads: u32 = console_value(&outcome, "reads").unwrap().parse().unwrap();
+    assert!(reads >= 3, "reads={reads}");
     let not_connected = "Transport endpoint is not connected";
     for key in ["read-error", "ls-error", "create-error"] {
         let value = console_value(&outcome, key).unwrap_or_default();
@@ -286,11 +293,16 @@ fn killing_virtiofsd_mid_use_fails_the_guests_requests_and_the_vm_ends() {
             outcome.console_tail
         );
     }
-    let log = String::from_utf8_lossy(&host_log().lock().unwrap()).into_owned();
     assert!(
         log.contains(&format!(
             "virtiofsd for tag {TAG} (pid {}) exited: status signal: 9",
             pids[0]
+        )),
+        "host log:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "virtio-fs {TAG}: virtiofsd closed its vhost-user connection"
         )),
         "host log:\n{log}"
     );

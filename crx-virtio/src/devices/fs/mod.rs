@@ -2,13 +2,18 @@
 //! ([`virtiofsd`]), negotiates features with it when it is built, and at DRIVER_OK hands it the
 //! guest RAM (the memfd regions), the rings, each queue's ioeventfd as the kick fd and the
 //! device's irqfd as the call fd, so requests and replies never pass through the VMM. The VMM
-//! only watches the child (a pidfd on the event loop): when virtiofsd dies it logs the exit, marks
-//! the device as needing a reset and answers every pending and later request with ENOTCONN
-//! ([`orphaned`]). Dropping the device kills and reaps virtiofsd and removes its socket.
+//! only watches virtiofsd on the event loop: a pidfd tells when the child exited (logged with its
+//! status), and the vhost-user socket's hang-up tells when the process serving the rings is gone;
+//! then the device marks itself as needing a reset and answers every pending and later request
+//! with ENOTCONN ([`orphaned`]). Dropping the device hangs up, reaps virtiofsd (killing it if it
+//! does not exit by itself) and removes its socket.
 //!
 //! virtiofsd runs with `--cache=auto --thread-pool-size=0` and the sandbox [`FsConfig::sandbox`]
-//! asks for. In CRX's test host (root in a Debian 6.1 L1 VM whose root is 9p with a tmpfs
-//! overlay, shared directory under /tmp) the default `namespace` sandbox works.
+//! asks for. In CRX's test host (root in a Debian 6.1 L1 VM whose root is 9p under a tmpfs
+//! overlay) the default `namespace` sandbox works, sharing a directory on the 9p /tmp or on a
+//! tmpfs; virtiofsd warns there that the filesystem has no file handles and falls back to O_PATH
+//! fds. The vhost-user socket cannot live on 9p (bind fails with ENXIO), so there
+//! [`FsConfig::socket_dir`] must point at a local filesystem such as /run.
 
 mod orphaned;
 mod virtiofsd;
@@ -35,6 +40,9 @@ use virtiofsd::Virtiofsd;
 /// The longest tag the configuration space holds.
 pub const TAG_MAX_LEN: usize = 36;
 const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+/// What the event loop watches the vhost-user socket for (never its replies, which the vCPU
+/// thread reads during activation).
+const CONNECTION_HANG_UP: EventSet = EventSet::READ_HANG_UP.union(EventSet::HANG_UP);
 /// The vhost-user feature bit that enables protocol feature negotiation.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// The virtio features this transport can pass through from virtiofsd to the guest.
@@ -142,6 +150,7 @@ pub struct Fs {
     queue_events: Vec<EventFd>,
     /// What virtiofsd offers (virtio and vhost-user bits).
     backend_features: u64,
+    /// Dropped before `virtiofsd`: the hang-up lets virtiofsd exit by itself.
     frontend: Frontend,
     virtiofsd: Virtiofsd,
     /// False once virtiofsd has exited: the device then answers requests itself.
@@ -272,8 +281,8 @@ impl Fs {
         Ok(())
     }
 
-    /// virtiofsd's pidfd became readable: reap it, report it, and take the queues over.
-    fn backend_exited(&mut self, ops: &mut EventOps) {
+    /// virtiofsd's pidfd became readable: reap it and report how it ended.
+    fn virtiofsd_exited(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.remove(Events::new(&self.virtiofsd.exit_event(), EventSet::IN)) {
             tracing::warn!("virtio-fs {}: cannot unwatch virtiofsd: {e}", self.tag);
         }
@@ -282,9 +291,22 @@ impl Fs {
             Err(e) => format!("unknown ({e})"),
         };
         tracing::error!(
-            "virtiofsd for tag {} (pid {}) exited: status {status}; the guest's requests on {} now fail with ENOTCONN",
+            "virtiofsd for tag {} (pid {}) exited: status {status}",
             self.tag,
             self.virtiofsd.pid(),
+        );
+    }
+
+    /// The vhost-user connection hung up: the process serving the rings is gone (with the
+    /// namespace sandbox that is virtiofsd's grandchild, which outlives its parent by a moment),
+    /// so no one else touches them now. The device takes the queues over.
+    fn connection_closed(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.remove(Events::new(&self.frontend, CONNECTION_HANG_UP)) {
+            tracing::warn!("virtio-fs {}: cannot unwatch the connection: {e}", self.tag);
+        }
+        tracing::error!(
+            "virtio-fs {}: virtiofsd closed its vhost-user connection; the guest's requests on {} now fail with ENOTCONN",
+            self.tag,
             self.tag,
         );
         self.backend_alive = false;
@@ -297,9 +319,15 @@ impl Fs {
             return;
         };
         active.interrupt.mark_needs_reset();
-        if let Err(e) = orphaned::take_over(&mut active.queues, &active.mem) {
-            tracing::error!("{e}");
-            return;
+        match orphaned::take_over(&mut active.queues, &active.mem) {
+            Ok(unanswered) => tracing::warn!(
+                "virtio-fs {}: failing {unanswered} requests virtiofsd left unanswered",
+                self.tag
+            ),
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
         }
         for queue in &mut active.queues {
             orphaned::fail_requests(queue, &active.mem, &active.interrupt);
@@ -379,13 +407,20 @@ impl VirtioDevice for Fs {
         if let Err(e) = ops.add(Events::new(&self.virtiofsd.exit_event(), EventSet::IN)) {
             tracing::error!("virtio-fs {}: cannot watch virtiofsd: {e}", self.tag);
         }
+        if let Err(e) = ops.add(Events::new(&self.frontend, CONNECTION_HANG_UP)) {
+            tracing::error!("virtio-fs {}: cannot watch the connection: {e}", self.tag);
+        }
     }
 
     fn process_event(&mut self, events: Events, ops: &mut EventOps) {
         use std::os::fd::AsRawFd;
         let fd = events.fd();
         if fd == self.virtiofsd.exit_event().as_raw_fd() {
-            self.backend_exited(ops);
+            self.virtiofsd_exited(ops);
+            return;
+        }
+        if fd == self.frontend.as_raw_fd() {
+            self.connection_closed(ops);
             return;
         }
         let Some(index) = self.queue_events.iter().position(|e| e.as_raw_fd() == fd) else {

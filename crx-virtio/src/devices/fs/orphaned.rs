@@ -30,19 +30,22 @@ pub struct TakeOverError {
     source: virtio_queue::Error,
 }
 
-/// Resumes each queue where virtiofsd last returned a chain.
-pub fn take_over(queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), TakeOverError> {
+/// Resumes each queue where virtiofsd last returned a chain. Returns how many requests the
+/// driver had made available that virtiofsd never answered.
+pub fn take_over(queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<u32, TakeOverError> {
+    let mut unanswered = 0;
     for (index, queue) in queues.iter_mut().enumerate() {
-        let used = queue
-            .used_idx(mem, Ordering::Acquire)
-            .map_err(|source| TakeOverError {
-                queue: index,
-                source,
-            })?;
+        let error = |source| TakeOverError {
+            queue: index,
+            source,
+        };
+        let used = queue.used_idx(mem, Ordering::Acquire).map_err(error)?;
+        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(error)?;
+        unanswered += u32::from((avail - used).0);
         queue.set_next_avail(used.0);
         queue.set_next_used(used.0);
     }
-    Ok(())
+    Ok(unanswered)
 }
 
 /// Answers every available request of `queue` with ENOTCONN. Returns false if the queue broke.

@@ -3,7 +3,7 @@
 //! killing and reaping it (and removing its socket and the `<socket>.pid` file virtiofsd writes
 //! beside it) when the device goes.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,6 +14,8 @@ use super::{FsConfig, FsError};
 /// How long virtiofsd may take to create its socket (the test host emulates the CPU).
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
 const SOCKET_POLL: Duration = Duration::from_millis(5);
+/// How long virtiofsd gets to exit by itself once the device has hung up.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Tells the sockets of one process's devices apart.
 static SOCKET_SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -101,6 +103,18 @@ impl Virtiofsd {
         self.child.wait()
     }
 
+    /// Waits up to `timeout` for virtiofsd to exit (without reaping it).
+    fn exited_within(&self, timeout: Duration) -> bool {
+        let mut pollfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout_ms = timeout.as_millis().try_into().unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll on one pollfd we own, for at most `timeout_ms`.
+        unsafe { libc::poll(&mut pollfd, 1, timeout_ms) == 1 }
+    }
+
     fn wait_for_socket(&mut self) -> Result<(), FsError> {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
         loop {
@@ -119,9 +133,11 @@ impl Virtiofsd {
 }
 
 impl Drop for Virtiofsd {
-    /// Kills and reaps virtiofsd (a no-op kill if it already exited) and removes its socket.
+    /// Reaps virtiofsd, killing it if it does not exit on its own within [`EXIT_GRACE`] (it
+    /// does once the device closed the vhost-user connection, and with the namespace sandbox its
+    /// parent exits only after the serving process), and removes its socket and pid file.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        if !self.exited_within(EXIT_GRACE) {
             if let Err(e) = self.child.kill() {
                 tracing::warn!("cannot kill virtiofsd (pid {}): {e}", self.child.id());
             }
