@@ -14,7 +14,7 @@ use crx_core::{start_vm, VmConfig, VmExit};
 use crx_virtio::{DeviceConfig, FsConfig};
 
 mod common;
-use common::{boot, console_value, default_guest, expect_exit, BOOT_TIMEOUT};
+use common::{boot, console_value, default_guest, expect_exit, run_script, BOOT_TIMEOUT};
 
 const TAG: &str = "crxshare";
 
@@ -198,6 +198,33 @@ fn guest_lists_a_directory_of_10000_host_files() {
     println!("virtio-fs 10k entries: VM ran {:?}", started.elapsed());
     assert_eq!(console_value(&outcome, "count"), Some("10000"));
     assert_eq!(console_value(&outcome, "last"), Some("entry-09999"));
+}
+
+#[test]
+fn the_share_works_again_after_the_guest_driver_resets_the_device() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let scratch = Scratch::new("rebind", "/tmp");
+    std::fs::write(scratch.shared().join("hello.txt"), "still here\n").unwrap();
+    // Unbinding resets the device (status 0: virtiofsd's rings are stopped); binding sets it up
+    // and activates it again.
+    let script = mounted(
+        "echo before=$(cat /mnt/hello.txt); umount /mnt || exit 91; \
+         [ -d /sys/bus/virtio ] || mount -t sysfs sysfs /sys; \
+         driver=/sys/bus/virtio/drivers/virtiofs; dev=$(basename $(ls -d $driver/virtio*)); echo dev=$dev; \
+         echo $dev > $driver/unbind || exit 92; echo $dev > $driver/bind || exit 93; \
+         mount -t virtiofs crxshare /mnt || exit 94; \
+         echo after=$(cat /mnt/hello.txt); echo again > /mnt/after-rebind.txt",
+    );
+    let outcome = run_script("virtio-fs rebind", scratch.guest(), &script);
+    assert!(console_value(&outcome, "dev").is_some_and(|d| d.starts_with("virtio")));
+    assert_eq!(console_value(&outcome, "before"), Some("still here"));
+    assert_eq!(console_value(&outcome, "after"), Some("still here"));
+    assert_eq!(
+        std::fs::read_to_string(scratch.shared().join("after-rebind.txt")).unwrap(),
+        "again\n"
+    );
 }
 
 /// The host log lines (tracing) of this test process.
