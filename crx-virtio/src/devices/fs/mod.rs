@@ -432,3 +432,60 @@ impl VirtioDevice for Fs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> FsConfig {
+        FsConfig::new("share", std::env::temp_dir())
+    }
+
+    fn error(config: &FsConfig) -> FsError {
+        Fs::new(config)
+            .err()
+            .expect("the device must not be created")
+    }
+
+    #[test]
+    fn a_tag_must_fit_the_config_space() {
+        for tag in [String::new(), "t".repeat(TAG_MAX_LEN + 1)] {
+            let config = FsConfig { tag, ..valid() };
+            assert!(matches!(error(&config), FsError::InvalidTag(_)));
+        }
+    }
+
+    #[test]
+    fn queues_need_a_request_queue_and_a_power_of_two_size() {
+        let config = FsConfig {
+            num_request_queues: 0,
+            ..valid()
+        };
+        assert!(matches!(error(&config), FsError::InvalidQueues));
+        let config = FsConfig {
+            queue_size: 100,
+            ..valid()
+        };
+        assert!(matches!(error(&config), FsError::InvalidQueues));
+    }
+
+    #[test]
+    fn the_shared_directory_must_exist() {
+        let config = FsConfig::new("share", "/nonexistent/crx-share");
+        assert!(matches!(error(&config), FsError::NotADirectory(_)));
+    }
+
+    #[test]
+    fn a_virtiofsd_that_cannot_start_or_exits_at_once_is_an_error() {
+        let config = FsConfig {
+            virtiofsd: Some("/nonexistent/virtiofsd".into()),
+            ..valid()
+        };
+        assert!(matches!(error(&config), FsError::Spawn { .. }));
+        let config = FsConfig {
+            virtiofsd: Some("/bin/false".into()),
+            ..valid()
+        };
+        assert!(matches!(error(&config), FsError::ExitedAtStart(_)));
+    }
+}
