@@ -45,6 +45,8 @@ const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
 const CONNECTION_HANG_UP: EventSet = EventSet::READ_HANG_UP.union(EventSet::HANG_UP);
 /// The vhost-user feature bit that enables protocol feature negotiation.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The queues a backend without the MQ protocol feature serves: high-priority plus one request.
+const SINGLE_QUEUE_BACKEND: u64 = 2;
 /// The virtio features this transport can pass through from virtiofsd to the guest.
 const PASSED_THROUGH_FEATURES: u64 =
     1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX;
@@ -128,6 +130,10 @@ pub enum FsError {
     ExitedAtStart(std::process::ExitStatus),
     #[error("virtiofsd did not create its socket {0} in time")]
     SocketTimeout(PathBuf),
+    #[error(
+        "virtio-fs needs {asked} queues (high-priority plus requests); virtiofsd serves {served}"
+    )]
+    TooManyQueues { asked: usize, served: u64 },
     #[error("vhost-user {step} with virtiofsd failed: {source}")]
     VhostUser {
         step: &'static str,
@@ -153,7 +159,7 @@ pub struct Fs {
     /// Dropped before `virtiofsd`: the hang-up lets virtiofsd exit by itself.
     frontend: Frontend,
     virtiofsd: Virtiofsd,
-    /// False once virtiofsd has exited: the device then answers requests itself.
+    /// False once the vhost-user connection hung up: the device then answers requests itself.
     backend_alive: bool,
     active: Option<Active>,
 }
@@ -192,6 +198,19 @@ impl Fs {
             frontend
                 .set_protocol_features(acked)
                 .map_err(vhost_step("SET_PROTOCOL_FEATURES"))?;
+            let served = if acked.contains(VhostUserProtocolFeatures::MQ) {
+                frontend
+                    .get_queue_num()
+                    .map_err(vhost_step("GET_QUEUE_NUM"))?
+            } else {
+                SINGLE_QUEUE_BACKEND
+            };
+            if served < num_queues as u64 {
+                return Err(FsError::TooManyQueues {
+                    asked: num_queues,
+                    served,
+                });
+            }
             if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every later request is acknowledged, so a failure shows at activation.
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -487,5 +506,29 @@ mod tests {
             ..valid()
         };
         assert!(matches!(error(&config), FsError::ExitedAtStart(_)));
+    }
+
+    /// Needs virtiofsd (setup.sh installs it); it serves one request queue.
+    #[test]
+    fn more_request_queues_than_virtiofsd_serves_is_an_error() {
+        let shared = std::env::temp_dir().join(format!("crx-fs-mq-{}", std::process::id()));
+        std::fs::create_dir_all(&shared).unwrap();
+        let config = FsConfig {
+            num_request_queues: 2,
+            sandbox: FsSandbox::None,
+            ..FsConfig::new("share", &shared)
+        };
+        let result = Fs::new(&config).err();
+        std::fs::remove_dir(&shared).unwrap();
+        assert!(
+            matches!(
+                result,
+                Some(FsError::TooManyQueues {
+                    asked: 3,
+                    served: 2
+                })
+            ),
+            "{result:?}"
+        );
     }
 }
