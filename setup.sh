@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt, builds the
-# workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
+# Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt and virtiofsd
+# (the virtio-fs backend, `cargo install`), builds the workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
 # and, where this host's /dev/kvm is PVM, prepares the KVM test host (QEMU TCG + kvm_amd).
 # Idempotent: a second run installs nothing and rebuilds nothing that is unchanged.
 set -euo pipefail
@@ -43,6 +43,7 @@ cargo_tool() { # CRATE [BINARY]
     fi
 }
 cargo_tool cargo-fuzz
+cargo_tool virtiofsd  # virtio-fs devices start it (PATH or ~/.cargo/bin)
 
 log "building the workspace (release)"
 cargo build --release --workspace --bins

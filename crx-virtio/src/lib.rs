@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use device::{Interrupt, VirtioDevice};
 pub use devices::block::BlockConfig;
+pub use devices::fs::{FsConfig, FsSandbox};
 pub use devices::net::{NetConfig, TapSource};
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
@@ -29,6 +30,8 @@ pub enum DeviceConfig {
     Block(BlockConfig),
     Net(NetConfig),
     Rng,
+    /// virtio-fs served by a virtiofsd child process (vhost-user).
+    Fs(FsConfig),
 }
 
 /// Why a configured device could not be created.
@@ -38,6 +41,8 @@ pub enum DeviceError {
     Block(#[from] devices::block::BlockError),
     #[error(transparent)]
     Net(#[from] devices::net::NetError),
+    #[error(transparent)]
+    Fs(#[from] devices::fs::FsError),
     #[error("cannot create a device's eventfds: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -53,6 +58,7 @@ impl DeviceConfig {
             DeviceConfig::Rng => Arc::new(Mutex::new(
                 devices::rng::Rng::new().map_err(DeviceError::EventFd)?,
             )),
+            DeviceConfig::Fs(config) => Arc::new(Mutex::new(devices::fs::Fs::new(config)?)),
         })
     }
 }
