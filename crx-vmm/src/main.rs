@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
-use crx_virtio::{BlockConfig, DeviceConfig, NetConfig, TapSource};
+use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource};
 
 #[derive(clap::Parser)]
 #[command(
@@ -42,6 +42,10 @@ struct BootArgs {
     /// Attach a virtio-net interface on a tap: NAME or fd=N, [,mac=02:..] (repeatable)
     #[arg(long = "net", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// Share a host directory over virtio-fs (a virtiofsd child): TAG=DIR (repeatable; the guest
+    /// mounts it with `mount -t virtiofs TAG /mnt`)
+    #[arg(long = "fs", value_parser = parse_fs)]
+    shares: Vec<FsConfig>,
     /// Attach a virtio-rng entropy device
     #[arg(long)]
     rng: bool,
@@ -96,6 +100,7 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         .into_iter()
         .map(DeviceConfig::Block)
         .chain(args.nets.into_iter().map(DeviceConfig::Net))
+        .chain(args.shares.into_iter().map(DeviceConfig::Fs))
         .chain(args.rng.then_some(DeviceConfig::Rng))
         .collect();
     let config = config.with_init_args(&args.command);
@@ -142,6 +147,14 @@ fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
         }
     }
     Ok(disk)
+}
+
+/// `TAG=DIR`
+fn parse_fs(spec: &str) -> Result<FsConfig, String> {
+    match spec.split_once('=') {
+        Some((tag, dir)) if !tag.is_empty() && !dir.is_empty() => Ok(FsConfig::new(tag, dir)),
+        _ => Err(format!("a share is TAG=DIR, not {spec:?}")),
+    }
 }
 
 /// `NAME|fd=N[,mac=XX:XX:XX:XX:XX:XX]`
@@ -193,5 +206,7 @@ mod tests {
         );
         assert!(parse_net("tap0,mac=zz").is_err());
         assert!(parse_net("fd=x").is_err());
+        assert_eq!(parse_fs("share=/srv").unwrap().tag, "share");
+        assert!(parse_fs("/srv").is_err());
     }
 }

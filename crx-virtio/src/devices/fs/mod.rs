@@ -12,8 +12,8 @@
 //! asks for. In CRX's test host (root in a Debian 6.1 L1 VM whose root is 9p under a tmpfs
 //! overlay) the default `namespace` sandbox works, sharing a directory on the 9p /tmp or on a
 //! tmpfs; virtiofsd warns there that the filesystem has no file handles and falls back to O_PATH
-//! fds. The vhost-user socket cannot live on 9p (bind fails with ENXIO), so there
-//! [`FsConfig::socket_dir`] must point at a local filesystem such as /run.
+//! fds. The vhost-user socket cannot live on 9p (bind fails with ENXIO); its default directory,
+//! `/run/crx` (or `$XDG_RUNTIME_DIR/crx`), is a local tmpfs, made 0700.
 
 mod orphaned;
 mod virtiofsd;
@@ -82,7 +82,8 @@ pub struct FsConfig {
     pub shared_dir: PathBuf,
     /// The virtiofsd binary; `None` looks for `virtiofsd` on PATH, then in ~/.cargo/bin.
     pub virtiofsd: Option<PathBuf>,
-    /// Where the vhost-user socket is created; `None` is the temporary directory.
+    /// Where the vhost-user socket is created (mode 0700); `None` is `$XDG_RUNTIME_DIR/crx` or
+    /// `/run/crx`.
     pub socket_dir: Option<PathBuf>,
     pub sandbox: FsSandbox,
     pub num_request_queues: u16,
@@ -114,6 +115,12 @@ pub enum FsError {
     InvalidQueues,
     #[error("virtio-fs shared directory {0} is not a directory")]
     NotADirectory(PathBuf),
+    #[error("cannot create the vhost-user socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("virtiofsd is neither on PATH nor in ~/.cargo/bin (cargo install virtiofsd --locked)")]
     VirtiofsdNotFound,
     #[error("cannot start virtiofsd {path}: {source}")]

@@ -4,6 +4,7 @@
 //! beside it) when the device goes.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,6 +29,13 @@ pub struct Virtiofsd {
     socket_path: PathBuf,
 }
 
+/// `$XDG_RUNTIME_DIR/crx`, or `/run/crx` (a local tmpfs: vhost-user sockets cannot live on 9p).
+fn default_socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map_or_else(|| PathBuf::from("/run"), PathBuf::from)
+        .join("crx")
+}
+
 impl Virtiofsd {
     /// Starts virtiofsd for `config` and waits until its vhost-user socket exists.
     pub fn start(config: &FsConfig) -> Result<Virtiofsd, FsError> {
@@ -35,7 +43,16 @@ impl Virtiofsd {
             Some(path) => path.clone(),
             None => default_binary().ok_or(FsError::VirtiofsdNotFound)?,
         };
-        let socket_dir = config.socket_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let socket_dir = config.socket_dir.clone().unwrap_or_else(default_socket_dir);
+        // The socket gives whoever reaches it the guest's memory: only its owner may.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&socket_dir)
+            .map_err(|source| FsError::SocketDir {
+                path: socket_dir.clone(),
+                source,
+            })?;
         let socket_path = socket_dir.join(format!(
             "crx-virtiofs-{}-{}.sock",
             std::process::id(),
