@@ -1,6 +1,7 @@
 //! virtio device throughput, CRX against Firecracker in one run on the same KVM and the same
 //! guest: block sequential read and write (O_DIRECT on /dev/vda) and TCP from the guest to the
-//! host over a tap. Each sample boots a VM; the guest times its own transfer (/proc/uptime
+//! host over a tap; virtio-fs (CRX only: Firecracker has none, and Cloud Hypervisor, the peer
+//! with one, wedges the test host) sequential read, write and small-file metadata. Each sample boots a VM; the guest times its own transfer (/proc/uptime
 //! around the command), so boot time does not count. Inside the test host the absolute figures
 //! are TCG's; the ratios are what count.
 //!
@@ -18,6 +19,7 @@ use crx_benches::{median_p99, Bench, Devices, Vmm};
 
 const BLOCK_MIB: usize = 16;
 const NET_MIB: usize = 8;
+const FS_MIB: usize = 16;
 const TAP: &str = "crxbench0";
 const HOST_IP: &str = "10.201.0.1";
 const GUEST_IP: &str = "10.201.0.2";
@@ -97,8 +99,16 @@ fn main() {
 
     let with_disk = Devices {
         disk: Some(disk.clone()),
-        tap: None,
+        ..Devices::default()
     };
+    let share = scratch.path().join("share");
+    std::fs::create_dir_all(&share).expect("share dir");
+    std::fs::write(share.join("big"), vec![0xa5; FS_MIB << 20]).expect("shared file");
+    let with_share = Devices {
+        share: Some(share),
+        ..Devices::default()
+    };
+    let mount = "mkdir -p /mnt && mount -t virtiofs share /mnt";
     let workloads = [
         Workload {
             name: "block_read",
@@ -116,12 +126,36 @@ fn main() {
             name: "net_tcp_guest_to_host",
             mib: NET_MIB,
             devices: Devices {
-                disk: None,
                 tap: Some(TAP.to_string()),
+                ..Devices::default()
             },
             script: format!(
                 "ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0; ping -c 1 -W 5 {HOST_IP} >/dev/null; {}",
                 timed(&format!("dd if=/dev/zero bs=1M count={NET_MIB} 2>/dev/null | nc {HOST_IP} 5000"))
+            ),
+        },
+        Workload {
+            name: "fs_read",
+            mib: FS_MIB,
+            devices: with_share.clone(),
+            script: format!("{mount}; {}", timed("cat /mnt/big > /dev/null")),
+        },
+        Workload {
+            name: "fs_write",
+            mib: FS_MIB,
+            devices: with_share.clone(),
+            script: format!(
+                "{mount}; {}",
+                timed(&format!("dd if=/dev/zero of=/mnt/out bs=1M count={FS_MIB} 2>/dev/null; sync"))
+            ),
+        },
+        Workload {
+            name: "fs_metadata_1000_files",
+            mib: 0,
+            devices: with_share,
+            script: format!(
+                "{mount}; mkdir -p /mnt/m; {}",
+                timed("for i in $(seq 1000); do echo x > /mnt/m/f$i; done; ls -l /mnt/m > /dev/null; rm -r /mnt/m")
             ),
         },
     ];
@@ -140,8 +174,13 @@ fn main() {
     for workload in &workloads {
         let mut group = criterion.benchmark_group(workload.name);
         group.sampling_mode(SamplingMode::Flat);
-        group.throughput(Throughput::Bytes((workload.mib << 20) as u64));
+        if workload.mib > 0 {
+            group.throughput(Throughput::Bytes((workload.mib << 20) as u64));
+        }
         for &vmm in &vmms {
+            if !workload.devices.supported_by(vmm) {
+                continue;
+            }
             let run = || {
                 let console = bench
                     .run_workload(vmm, &workload.devices, &workload.script)
@@ -172,7 +211,7 @@ fn main() {
         group.finish();
     }
 
-    println!("\ndevices bench summary (guest-timed transfer; MiB/s at the median)");
+    println!("\ndevices bench summary (guest-timed; MiB/s or ms at the median)");
     for workload in &workloads {
         let reference = results
             .get(&(workload.name, "firecracker"))
@@ -182,7 +221,11 @@ fn main() {
                 continue;
             };
             let (median, _) = median_p99(samples);
-            let rate = workload.mib as f64 / median.as_secs_f64();
+            let rate = if workload.mib > 0 {
+                format!("{:>8.1} MiB/s", workload.mib as f64 / median.as_secs_f64())
+            } else {
+                format!("{:>8.1} ms", median.as_secs_f64() * 1e3)
+            };
             let ratio = reference.map_or("-".into(), |r| {
                 format!(
                     "{:.2}x firecracker's rate",
@@ -190,7 +233,7 @@ fn main() {
                 )
             });
             println!(
-                "  {:<22} {:<12} n={:<3} {rate:>8.1} MiB/s  {ratio}",
+                "  {:<22} {:<12} n={:<3} {rate}  {ratio}",
                 workload.name,
                 vmm.name(),
                 samples.len()

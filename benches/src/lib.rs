@@ -137,6 +137,15 @@ pub struct Devices {
     pub disk: Option<PathBuf>,
     /// A tap interface by name (the guest's eth0), already up on the host.
     pub tap: Option<String>,
+    /// A directory shared over virtio-fs with the tag `share`.
+    pub share: Option<PathBuf>,
+}
+
+impl Devices {
+    /// Whether `vmm` can attach these devices (Firecracker has no virtio-fs).
+    pub fn supported_by(&self, vmm: Vmm) -> bool {
+        !(self.share.is_some() && vmm == Vmm::Firecracker)
+    }
 }
 
 /// The guest's MAC on a bench tap.
@@ -211,6 +220,9 @@ impl Bench {
                 }
                 if let Some(tap) = &devices.tap {
                     cmd.arg("--net").arg(format!("{tap},mac={GUEST_MAC}"));
+                }
+                if let Some(dir) = &devices.share {
+                    cmd.arg("--fs").arg(format!("share={}", dir.display()));
                 }
                 cmd
             }
