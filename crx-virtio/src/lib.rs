@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use device::{Interrupt, VirtioDevice};
 pub use devices::block::BlockConfig;
+pub use devices::vsock::VsockConfig;
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
 
@@ -27,6 +28,7 @@ pub use mmio::MmioTransport;
 pub enum DeviceConfig {
     Block(BlockConfig),
     Rng,
+    Vsock(VsockConfig),
 }
 
 /// Why a configured device could not be created.
@@ -34,6 +36,8 @@ pub enum DeviceConfig {
 pub enum DeviceError {
     #[error(transparent)]
     Block(#[from] devices::block::BlockError),
+    #[error(transparent)]
+    Vsock(#[from] devices::vsock::VsockError),
     #[error("cannot create a device's eventfds: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -48,6 +52,9 @@ impl DeviceConfig {
             DeviceConfig::Rng => Arc::new(Mutex::new(
                 devices::rng::Rng::new().map_err(DeviceError::EventFd)?,
             )),
+            DeviceConfig::Vsock(config) => {
+                Arc::new(Mutex::new(devices::vsock::Vsock::new(config)?))
+            }
         })
     }
 }
