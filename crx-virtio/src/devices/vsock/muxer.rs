@@ -41,6 +41,8 @@ pub struct ConnKey {
 struct Handshake {
     stream: UnixStream,
     registered: bool,
+    /// The part of the `CONNECT` line read so far.
+    line: Vec<u8>,
 }
 
 enum FdOwner {
@@ -338,6 +340,7 @@ impl Muxer {
                         Handshake {
                             stream,
                             registered: false,
+                            line: Vec::new(),
                         },
                     );
                 }
@@ -351,28 +354,28 @@ impl Muxer {
         }
     }
 
-    /// Reads the `CONNECT <port>\n` line without consuming any data after it; once complete,
-    /// the host process's socket becomes a connection and the guest is sent a REQUEST.
+    /// Reads the `CONNECT <port>\n` line a byte at a time, so no data after it is consumed;
+    /// once complete, the host process's socket becomes a connection and the guest is sent a
+    /// REQUEST.
     fn read_connect_line(&mut self, fd: RawFd) {
         let Some(handshake) = self.handshakes.get_mut(&fd) else {
             return;
         };
-        let mut peeked = [0u8; MAX_CONNECT_LINE];
-        let n = match peek(&handshake.stream, &mut peeked) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => return self.drop_handshake(fd, &format!("{e}")),
-        };
-        let Some(end) = peeked[..n].iter().position(|&b| b == b'\n') else {
-            if n == 0 || n == MAX_CONNECT_LINE {
-                self.drop_handshake(fd, "no CONNECT line");
+        let mut byte = [0u8; 1];
+        loop {
+            match handshake.stream.read(&mut byte) {
+                Ok(0) => return self.drop_handshake(fd, "closed before its CONNECT line"),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if handshake.line.len() == MAX_CONNECT_LINE => {
+                    return self.drop_handshake(fd, "no CONNECT line")
+                }
+                Ok(_) => handshake.line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.drop_handshake(fd, &format!("{e}")),
             }
-            return;
-        };
-        let mut line = vec![0u8; end + 1];
-        if let Err(e) = handshake.stream.read_exact(&mut line) {
-            return self.drop_handshake(fd, &format!("{e}"));
         }
+        let line = std::mem::take(&mut handshake.line);
         let Some(peer_port) = parse_connect_line(&line) else {
             let shown = String::from_utf8_lossy(&line).trim_end().to_owned();
             return self.drop_handshake(fd, &format!("bad request {shown:?}"));
@@ -496,25 +499,7 @@ impl Drop for Muxer {
     }
 }
 
-/// recv(2) with MSG_PEEK: what the socket holds, left in it.
-fn peek(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of its length; the socket is ours.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// `CONNECT <port>\n` → the port.
+/// `CONNECT <port>` (the line without its newline) → the port.
 fn parse_connect_line(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?.trim_end();
     let port = line.strip_prefix("CONNECT ")?;
@@ -570,12 +555,12 @@ mod tests {
 
     #[test]
     fn connect_lines_parse_strictly() {
-        assert_eq!(parse_connect_line(b"CONNECT 5000\n"), Some(5000));
-        assert_eq!(parse_connect_line(b"CONNECT 5000\r\n"), Some(5000));
-        assert_eq!(parse_connect_line(b"CONNECT\n"), None);
-        assert_eq!(parse_connect_line(b"connect 5000\n"), None);
-        assert_eq!(parse_connect_line(b"CONNECT -1\n"), None);
-        assert_eq!(parse_connect_line(b"CONNECT 99999999999\n"), None);
+        assert_eq!(parse_connect_line(b"CONNECT 5000"), Some(5000));
+        assert_eq!(parse_connect_line(b"CONNECT 5000\r"), Some(5000));
+        assert_eq!(parse_connect_line(b"CONNECT"), None);
+        assert_eq!(parse_connect_line(b"connect 5000"), None);
+        assert_eq!(parse_connect_line(b"CONNECT -1"), None);
+        assert_eq!(parse_connect_line(b"CONNECT 99999999999"), None);
     }
 
     #[test]
