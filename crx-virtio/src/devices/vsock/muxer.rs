@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -70,10 +71,12 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` (a stale socket file there is replaced).
+    /// Listens on `uds_path` (a stale socket there is replaced; any other file is left alone
+    /// and makes the bind fail).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Muxer> {
-        match std::fs::remove_file(uds_path) {
-            Ok(()) => {}
+        match std::fs::symlink_metadata(uds_path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(uds_path)?,
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
