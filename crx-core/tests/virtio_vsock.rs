@@ -441,3 +441,60 @@ fn a_guest_connecting_to_a_missing_or_dead_host_socket_fails_at_once() {
     }
     assert_eq!((after.bytes, after.matches_payload), (4096, true));
 }
+
+#[test]
+fn raw_throughput_each_way_on_256_mib_of_zeros() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    const BYTES: usize = 256 << 20;
+    let scratch = Scratch::new("throughput");
+    let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
+    let script = format!("crx-vsock send-zeros 6000 {BYTES} && crx-vsock sink 5000");
+    let config = vsock_guest(&scratch, 2, &script);
+    let uds = scratch.uds();
+    let (outcome, (from_guest, from_guest_zero, guest_to_host, host_to_guest)) = run_with_host(
+        "vsock throughput",
+        &config,
+        Duration::from_secs(1800),
+        move || {
+            let mut stream = accept_before(&listener, Instant::now() + HOST_WAIT);
+            let started = Instant::now();
+            let zeros = vec![0u8; 256 * 1024];
+            let mut buf = vec![0u8; zeros.len()];
+            let (mut bytes, mut all_zero) = (0usize, true);
+            loop {
+                let n = stream.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                all_zero &= buf[..n] == zeros[..n];
+                bytes += n;
+            }
+            drop(stream);
+            let guest_to_host = started.elapsed();
+
+            let (mut stream, _) = connect_to_guest(&uds, 5000);
+            let started = Instant::now();
+            for _ in 0..BYTES / zeros.len() {
+                stream.write_all(&zeros).unwrap();
+            }
+            stream.shutdown(Shutdown::Write).unwrap();
+            stream.read_to_end(&mut Vec::new()).unwrap();
+            (bytes, all_zero, guest_to_host, started.elapsed())
+        },
+    );
+    let rate = |d: Duration| (BYTES >> 20) as f64 / d.as_secs_f64();
+    println!(
+        "vsock raw throughput, 256 MiB: guest to host {guest_to_host:?} ({:.1} MiB/s), host to guest {host_to_guest:?} ({:.1} MiB/s)",
+        rate(guest_to_host),
+        rate(host_to_guest)
+    );
+    assert_eq!(from_guest, BYTES);
+    assert!(from_guest_zero, "the host got nonzero bytes");
+    assert_eq!(
+        console_value(&outcome, "sink-bytes"),
+        Some(BYTES.to_string().as_str())
+    );
+    assert_eq!(console_value(&outcome, "sink-zero"), Some("yes"));
+}

@@ -12,6 +12,10 @@
 //! crx-vsock send-partial PORT BYTES SENT  announce BYTES, send only SENT of them, then close
 //! crx-vsock connect-fails PORT            expect connecting to the host's PORT to fail;
 //!                                         prints connect-error=<errno name> connect-ms=
+//! crx-vsock send-zeros PORT BYTES         throughput probe: send BYTES zero bytes (no header,
+//!                                         no hashing) to the host's PORT; prints zeros-ms=
+//! crx-vsock sink PORT                     throughput probe: accept one connection on PORT, read
+//!                                         to EOF; prints sink-bytes=, sink-zero=yes|no, sink-ms=
 //! ```
 //! The payload stream is xorshift64* from the seed, 8 little-endian bytes per step; the host
 //! test generates the same stream to check every byte. Exit status 1 on any failure.
@@ -37,8 +41,10 @@ fn main() {
             send_partial(number(port), number(bytes), number(sent))
         }
         ["connect-fails", port] => connect_fails(number(port)),
+        ["send-zeros", port, bytes] => send_zeros(number(port), number(bytes)),
+        ["sink", port] => sink(number(port)),
         _ => {
-            eprintln!("usage: crx-vsock echo-server PORT COUNT | send PORT BYTES SEED | send-many PORT CONNS BYTES | send-partial PORT BYTES SENT | connect-fails PORT");
+            eprintln!("usage: crx-vsock echo-server PORT COUNT | send PORT BYTES SEED | send-many PORT CONNS BYTES | send-partial PORT BYTES SENT | connect-fails PORT | send-zeros PORT BYTES | sink PORT");
             std::process::exit(2);
         }
     };
@@ -138,6 +144,28 @@ fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
 }
 
 fn echo_server(port: u32, count: usize) -> io::Result<()> {
+    let listener = listen(port)?;
+    println!("echo-listening={port}");
+    let mut workers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = accept(&listener)?;
+        workers.push(
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || echo(stream))?,
+        );
+    }
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| io::Error::other("echo thread panicked"))??;
+    }
+    println!("echo-served={count}");
+    Ok(())
+}
+
+/// A listening AF_VSOCK socket on `port` (any CID).
+fn listen(port: u32) -> io::Result<OwnedFd> {
     let listener = vsock_socket()?;
     let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
     // SAFETY: addr is a valid sockaddr_vm; the socket is ours.
@@ -152,36 +180,25 @@ fn echo_server(port: u32, count: usize) -> io::Result<()> {
     if bound != 0 || unsafe { libc::listen(listener.as_raw_fd(), 256) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    println!("echo-listening={port}");
-    let mut workers = Vec::with_capacity(count);
-    for _ in 0..count {
-        // SAFETY: accept(2) on our listening socket, peer address not wanted.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let stream = VsockStream(unsafe { OwnedFd::from_raw_fd(fd) });
-        workers.push(
-            std::thread::Builder::new()
-                .stack_size(256 * 1024)
-                .spawn(move || echo(stream))?,
-        );
+    Ok(listener)
+}
+
+/// Accepts one connection on `listener`.
+fn accept(listener: &OwnedFd) -> io::Result<VsockStream> {
+    // SAFETY: accept(2) on our listening socket, peer address not wanted.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    for worker in workers {
-        worker
-            .join()
-            .map_err(|_| io::Error::other("echo thread panicked"))??;
-    }
-    println!("echo-served={count}");
-    Ok(())
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(VsockStream(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 fn echo(mut stream: VsockStream) -> io::Result<()> {
@@ -311,6 +328,45 @@ fn connect_fails(port: u32) -> io::Result<()> {
             Ok(())
         }
     }
+}
+
+fn send_zeros(port: u32, bytes: u64) -> io::Result<()> {
+    let start = Instant::now();
+    let mut stream = VsockStream::connect(HOST_CID, port)?;
+    let zeros = vec![0u8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        stream.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown_write()?;
+    // Wait for the host to close, so the time covers delivery.
+    stream.read_to_end(&mut Vec::new())?;
+    println!("zeros-ms={}", start.elapsed().as_millis());
+    Ok(())
+}
+
+fn sink(port: u32) -> io::Result<()> {
+    let listener = listen(port)?;
+    println!("sink-listening={port}");
+    let mut stream = accept(&listener)?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; CHUNK];
+    let mut bytes = 0u64;
+    let mut zero = true;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        zero &= buf[..n].iter().all(|&b| b == 0);
+        bytes += n as u64;
+    }
+    println!("sink-bytes={bytes}");
+    println!("sink-zero={}", if zero { "yes" } else { "no" });
+    println!("sink-ms={}", start.elapsed().as_millis());
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {
