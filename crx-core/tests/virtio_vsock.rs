@@ -66,6 +66,16 @@ impl Drop for Scratch {
 
 fn vsock_guest(scratch: &Scratch, vcpus: u8, script: &str) -> VmConfig {
     let mut config = default_guest();
+    let initrd = config
+        .initrd
+        .clone()
+        .expect("the default guest has an initrd");
+    let archive = std::fs::read(&initrd).unwrap();
+    assert!(
+        archive.windows(13).any(|w| w == b"bin/crx-vsock"),
+        "{} has no /bin/crx-vsock (run `cargo xtask guest`)",
+        initrd.display()
+    );
     config.vcpus = vcpus;
     config.mem_mib = 256;
     config.devices = vec![DeviceConfig::Vsock(VsockConfig {
