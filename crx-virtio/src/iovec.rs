@@ -144,6 +144,12 @@ impl Segments {
     }
 }
 
+impl FromIterator<Segment> for Segments {
+    fn from_iter<I: IntoIterator<Item = Segment>>(iter: I) -> Self {
+        Segments(iter.into_iter().collect())
+    }
+}
+
 /// A chain's readable and writable parts.
 #[derive(Debug, Default)]
 pub struct ChainBuffers {

@@ -21,6 +21,7 @@ pub use device::{Interrupt, VirtioDevice};
 pub use devices::block::BlockConfig;
 pub use devices::fs::{FsConfig, FsSandbox};
 pub use devices::net::{NetConfig, TapSource};
+pub use devices::vsock::VsockConfig;
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
 
@@ -32,6 +33,7 @@ pub enum DeviceConfig {
     Rng,
     /// virtio-fs served by a virtiofsd child process (vhost-user).
     Fs(FsConfig),
+    Vsock(VsockConfig),
 }
 
 /// Why a configured device could not be created.
@@ -43,6 +45,8 @@ pub enum DeviceError {
     Net(#[from] devices::net::NetError),
     #[error(transparent)]
     Fs(#[from] devices::fs::FsError),
+    #[error(transparent)]
+    Vsock(#[from] devices::vsock::VsockError),
     #[error("cannot create a device's eventfds: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -59,6 +63,9 @@ impl DeviceConfig {
                 devices::rng::Rng::new().map_err(DeviceError::EventFd)?,
             )),
             DeviceConfig::Fs(config) => Arc::new(Mutex::new(devices::fs::Fs::new(config)?)),
+            DeviceConfig::Vsock(config) => {
+                Arc::new(Mutex::new(devices::vsock::Vsock::new(config)?))
+            }
         })
     }
 }

@@ -5,3 +5,4 @@ pub mod fs;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
