@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
-use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource};
+use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
 
 #[derive(clap::Parser)]
 #[command(
@@ -49,6 +49,10 @@ struct BootArgs {
     /// Attach a virtio-rng entropy device
     #[arg(long)]
     rng: bool,
+    /// Attach a virtio-vsock device: CID,UDS (hybrid vsock: host processes connect to UDS and
+    /// write `CONNECT <port>\n`; guest connections to host port P reach `UDS_P`)
+    #[arg(long, value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Command for the guest's init to run (after `--`)
     #[arg(last = true)]
     command: Vec<String>,
@@ -102,6 +106,7 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         .chain(args.nets.into_iter().map(DeviceConfig::Net))
         .chain(args.shares.into_iter().map(DeviceConfig::Fs))
         .chain(args.rng.then_some(DeviceConfig::Rng))
+        .chain(args.vsock.map(DeviceConfig::Vsock))
         .collect();
     let config = config.with_init_args(&args.command);
 
@@ -157,6 +162,23 @@ fn parse_fs(spec: &str) -> Result<FsConfig, String> {
     }
 }
 
+/// `CID,UDS`
+fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let (cid, uds) = spec
+        .split_once(',')
+        .ok_or_else(|| format!("a vsock device is CID,UDS, not {spec:?}"))?;
+    let guest_cid = cid
+        .parse()
+        .map_err(|_| format!("the vsock CID must be a number, not {cid:?}"))?;
+    if uds.is_empty() {
+        return Err("the vsock device needs a Unix socket path".into());
+    }
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: uds.into(),
+    })
+}
+
 /// `NAME|fd=N[,mac=XX:XX:XX:XX:XX:XX]`
 fn parse_net(spec: &str) -> Result<NetConfig, String> {
     let mut parts = spec.split(',');
@@ -208,5 +230,12 @@ mod tests {
         assert!(parse_net("fd=x").is_err());
         assert_eq!(parse_fs("share=/srv").unwrap().tag, "share");
         assert!(parse_fs("/srv").is_err());
+        let vsock = parse_vsock("3,/run/crx/v.sock").unwrap();
+        assert_eq!(
+            (vsock.guest_cid, vsock.uds_path.to_str()),
+            (3, Some("/run/crx/v.sock"))
+        );
+        assert!(parse_vsock("x,/a").is_err());
+        assert!(parse_vsock("3").is_err());
     }
 }

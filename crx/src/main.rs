@@ -17,7 +17,7 @@ enum Command {
     #[command(disable_help_flag = true)]
     Boot {
         /// Arguments for crx-vmm: [--kernel K] [--initrd I] [--cmdline C] [--vcpus N]
-        /// [--mem-mib M] [--cpu-template T] [--console FILE] [--disk D] [--net TAP] [--fs TAG=DIR] [--rng] [-- CMD…]
+        /// [--mem-mib M] [--cpu-template T] [--console FILE] [--disk D] [--net TAP] [--fs TAG=DIR] [--rng] [--vsock CID,UDS] [-- CMD…]
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
