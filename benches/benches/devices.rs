@@ -1,6 +1,7 @@
 //! virtio device throughput, CRX against Firecracker in one run on the same KVM and the same
 //! guest: block sequential read and write (O_DIRECT on /dev/vda) and TCP from the guest to the
-//! host over a tap; virtio-fs (CRX only: Firecracker has none, and Cloud Hypervisor, the peer
+//! host over a tap; vsock from the guest to a host Unix socket (hybrid vsock, both VMMs);
+//! virtio-fs (CRX only: Firecracker has none, and Cloud Hypervisor, the peer
 //! with one, wedges the test host) sequential read, write and small-file metadata. Each sample boots a VM; the guest times its own transfer (/proc/uptime
 //! around the command), so boot time does not count. Inside the test host the absolute figures
 //! are TCG's; the ratios are what count.
@@ -11,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ use crx_benches::{median_p99, Bench, Devices, Vmm};
 const BLOCK_MIB: usize = 16;
 const NET_MIB: usize = 8;
 const FS_MIB: usize = 16;
+const VSOCK_MIB: usize = 32;
+const VSOCK_PORT: u32 = 6000;
 const TAP: &str = "crxbench0";
 const HOST_IP: &str = "10.201.0.1";
 const GUEST_IP: &str = "10.201.0.2";
@@ -35,7 +39,8 @@ fn guest_elapsed(console: &str) -> Option<Duration> {
 }
 
 fn timed(command: &str) -> String {
-    format!("t0=$(cut -d' ' -f1 /proc/uptime); {command}; t1=$(cut -d' ' -f1 /proc/uptime); echo elapsed=$t0,$t1")
+    // No timing at all when the command fails, so a failed transfer cannot pass as a fast one.
+    format!("t0=$(cut -d' ' -f1 /proc/uptime); {command} && t1=$(cut -d' ' -f1 /proc/uptime) && echo elapsed=$t0,$t1")
 }
 
 /// A persistent tap with the host end addressed and up, removed when dropped.
@@ -97,6 +102,18 @@ fn main() {
         }
     });
 
+    // Unix sockets cannot live on the test host's 9p /tmp: the vsock sockets go to /dev/shm.
+    let sockets = tempfile::tempdir_in("/dev/shm").expect("socket dir");
+    let uds = sockets.path().join("v.sock");
+    let sink =
+        UnixListener::bind(format!("{}_{VSOCK_PORT}", uds.display())).expect("host vsock listener");
+    std::thread::spawn(move || {
+        // Each guest stream: read it to its end.
+        for stream in sink.incoming().flatten() {
+            let _ = std::io::copy(&mut { stream }, &mut std::io::sink());
+        }
+    });
+
     let with_disk = Devices {
         disk: Some(disk.clone()),
         ..Devices::default()
@@ -133,6 +150,15 @@ fn main() {
                 "ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0; ping -c 1 -W 5 {HOST_IP} >/dev/null; {}",
                 timed(&format!("dd if=/dev/zero bs=1M count={NET_MIB} 2>/dev/null | nc {HOST_IP} 5000"))
             ),
+        },
+        Workload {
+            name: "vsock_guest_to_host",
+            mib: VSOCK_MIB,
+            devices: Devices {
+                vsock: Some(uds),
+                ..Devices::default()
+            },
+            script: timed(&format!("crx-vsock send-zeros {VSOCK_PORT} {}", VSOCK_MIB << 20)),
         },
         Workload {
             name: "fs_read",

@@ -139,7 +139,13 @@ pub struct Devices {
     pub tap: Option<String>,
     /// A directory shared over virtio-fs with the tag `share`.
     pub share: Option<PathBuf>,
+    /// A hybrid vsock device (guest CID 3) on this Unix socket path; guest connections to host
+    /// port P reach `<path>_P`.
+    pub vsock: Option<PathBuf>,
 }
+
+/// The guest's vsock context ID in the benches.
+pub const GUEST_CID: u32 = 3;
 
 impl Devices {
     /// Whether `vmm` can attach these devices (Firecracker has no virtio-fs).
@@ -204,6 +210,10 @@ impl Bench {
             format!("{DEFAULT_CMDLINE} -- {init_args}")
         };
         let dir = self.scratch.path();
+        if let Some(uds) = &devices.vsock {
+            // A VMM binds it afresh (Firecracker refuses an existing path).
+            let _ = std::fs::remove_file(uds);
+        }
         let mut cmd = match vmm {
             Vmm::Crx => {
                 let mut cmd = Command::new(&self.crx);
@@ -224,6 +234,10 @@ impl Bench {
                 if let Some(dir) = &devices.share {
                     cmd.arg("--fs").arg(format!("share={}", dir.display()));
                 }
+                if let Some(uds) = &devices.vsock {
+                    cmd.arg("--vsock")
+                        .arg(format!("{GUEST_CID},{}", uds.display()));
+                }
                 cmd
             }
             Vmm::Firecracker => {
@@ -233,7 +247,7 @@ impl Bench {
                 let config = format!(
                     r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
                         "drives": [{drives}],
-                        "network-interfaces": [{nets}],
+                        "network-interfaces": [{nets}],{vsock}
                         "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
                         "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
                     k = self.kernel,
@@ -245,6 +259,9 @@ impl Bench {
                     )),
                     nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
                         r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
+                    )),
+                    vsock = devices.vsock.as_ref().map_or(String::new(), |u| format!(
+                        r#" "vsock": {{"guest_cid": {GUEST_CID}, "uds_path": {u:?}}},"#
                     )),
                 );
                 let config_path = dir.join("vm.json");
