@@ -173,6 +173,39 @@ fn guest_reads_writes_unlinks_and_renames_host_files() {
 }
 
 #[test]
+fn a_read_only_share_can_be_read_but_not_changed_by_the_guest() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let scratch = Scratch::new("ro", "/tmp");
+    let shared = scratch.shared();
+    std::fs::write(shared.join("keep.txt"), "host data\n").unwrap();
+    let mut config = scratch.guest();
+    if let [DeviceConfig::Fs(fs)] = config.devices.as_mut_slice() {
+        fs.read_only = true;
+    }
+    let script = mounted(
+        "echo read=$(cat /mnt/keep.txt); \
+         echo new > /mnt/new.txt 2>/dev/null && exit 91; \
+         rm /mnt/keep.txt 2>/dev/null && exit 92; \
+         echo append >> /mnt/keep.txt 2>/dev/null && exit 93; \
+         echo refused=yes",
+    );
+    let outcome = boot(
+        "virtio-fs read-only",
+        &config.with_init_args(&["/bin/sh", "-c", &script]),
+    );
+    expect_exit(&outcome, VmExit::Exited(0));
+    assert_eq!(console_value(&outcome, "read"), Some("host data"));
+    assert_eq!(console_value(&outcome, "refused"), Some("yes"));
+    assert_eq!(
+        std::fs::read_to_string(shared.join("keep.txt")).unwrap(),
+        "host data\n"
+    );
+    assert!(!shared.join("new.txt").exists());
+}
+
+#[test]
 fn guest_lists_a_directory_of_10000_host_files() {
     if !crx_testhost::vm_test_here!() {
         return;

@@ -42,7 +42,7 @@ struct BootArgs {
     /// Attach a virtio-net interface on a tap: NAME or fd=N, [,mac=02:..] (repeatable)
     #[arg(long = "net", value_parser = parse_net)]
     nets: Vec<NetConfig>,
-    /// Share a host directory over virtio-fs (a virtiofsd child): TAG=DIR (repeatable; the guest
+    /// Share a host directory over virtio-fs (a virtiofsd child): TAG=DIR[,ro] (repeatable; the guest
     /// mounts it with `mount -t virtiofs TAG /mnt`)
     #[arg(long = "fs", value_parser = parse_fs)]
     shares: Vec<FsConfig>,
@@ -154,11 +154,18 @@ fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
     Ok(disk)
 }
 
-/// `TAG=DIR`
+/// `TAG=DIR[,ro]`
 fn parse_fs(spec: &str) -> Result<FsConfig, String> {
-    match spec.split_once('=') {
-        Some((tag, dir)) if !tag.is_empty() && !dir.is_empty() => Ok(FsConfig::new(tag, dir)),
-        _ => Err(format!("a share is TAG=DIR, not {spec:?}")),
+    let (share, read_only) = match spec.strip_suffix(",ro") {
+        Some(share) => (share, true),
+        None => (spec, false),
+    };
+    match share.split_once('=') {
+        Some((tag, dir)) if !tag.is_empty() && !dir.is_empty() => Ok(FsConfig {
+            read_only,
+            ..FsConfig::new(tag, dir)
+        }),
+        _ => Err(format!("a share is TAG=DIR[,ro], not {spec:?}")),
     }
 }
 
@@ -229,6 +236,8 @@ mod tests {
         assert!(parse_net("tap0,mac=zz").is_err());
         assert!(parse_net("fd=x").is_err());
         assert_eq!(parse_fs("share=/srv").unwrap().tag, "share");
+        let read_only = parse_fs("share=/srv,ro").unwrap();
+        assert!(read_only.read_only && read_only.shared_dir == std::path::Path::new("/srv"));
         assert!(parse_fs("/srv").is_err());
         let vsock = parse_vsock("3,/run/crx/v.sock").unwrap();
         assert_eq!(

@@ -80,6 +80,8 @@ pub struct FsConfig {
     /// What the guest mounts (`mount -t virtiofs TAG /mnt`); at most 36 bytes.
     pub tag: String,
     pub shared_dir: PathBuf,
+    /// Serve the directory read-only (virtiofsd `--readonly`): the guest cannot change it.
+    pub read_only: bool,
     /// The virtiofsd binary; `None` looks for `virtiofsd` on PATH, then in ~/.cargo/bin.
     pub virtiofsd: Option<PathBuf>,
     /// Where the vhost-user socket is created (mode 0700); `None` is `$XDG_RUNTIME_DIR/crx` or
@@ -92,11 +94,12 @@ pub struct FsConfig {
 }
 
 impl FsConfig {
-    /// One request queue of 256 entries, virtiofsd found on PATH, namespace sandbox.
+    /// Read-write, one request queue of 256 entries, virtiofsd found on PATH, namespace sandbox.
     pub fn new(tag: impl Into<String>, shared_dir: impl Into<PathBuf>) -> Self {
         FsConfig {
             tag: tag.into(),
             shared_dir: shared_dir.into(),
+            read_only: false,
             virtiofsd: None,
             socket_dir: None,
             sandbox: FsSandbox::default(),

@@ -5,6 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,7 +61,22 @@ impl Virtiofsd {
         ));
         // A stale socket from a crashed run would make virtiofsd's bind fail.
         let _ = std::fs::remove_file(&socket_path);
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if config.read_only {
+            command.arg("--readonly");
+        }
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                // virtiofsd must not outlive the VMM that spawned it, even one that is killed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg(format!("--socket-path={}", socket_path.display()))
             .arg(format!("--shared-dir={}", config.shared_dir.display()))
             .arg(format!("--tag={}", config.tag))
