@@ -23,7 +23,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
         "crx-vmm",
     ])?;
     let crx = crate::target_dir().join("release/crx");
-    let mut argv = vec![PathBuf::from(crx).into_os_string(), "boot".into()];
+    let mut argv = vec![crx.into_os_string(), "boot".into()];
     argv.extend(args.args.into_iter().map(Into::into));
     let status = kvm_here::run(argv)?;
     std::process::exit(kvm_here::exit_code(status));

@@ -86,9 +86,8 @@ impl VirtioDevice for Rng {
     }
 
     fn process_event(&mut self, events: Events, _ops: &mut EventOps) {
-        match self.base.wake(&events) {
-            Some(Wake::Activated | Wake::Queue(_)) => self.serve(),
-            _ => {}
+        if let Some(Wake::Activated | Wake::Queue(_)) = self.base.wake(&events) {
+            self.serve()
         }
     }
 }
