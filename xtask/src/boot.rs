@@ -1,7 +1,6 @@
 //! `cargo xtask boot [-- ARGS]`: boots the default guest with the release `crx boot ARGS`, on
 //! this host's KVM or in the test host.
 
-
 use crate::kvm_here;
 
 #[derive(clap::Args)]
