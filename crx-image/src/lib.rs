@@ -33,5 +33,5 @@ pub use digest::Digest;
 pub use error::Error;
 pub use index::{ImageRecord, LayerRecord, Lease};
 pub use progress::{LogProgress, Progress};
-pub use store::{GcReport, Store};
+pub use store::{GcReport, RunConfig, Store};
 pub use usage::FsUsage;

@@ -49,6 +49,35 @@ struct ConfigDoc {
     rootfs: RootFs,
 }
 
+/// What an image's config says about running it (the OCI image config's `config` object).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    /// `user`, `uid`, `user:group` or `uid:gid`; empty means root.
+    pub user: String,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+}
+
+#[derive(Deserialize)]
+struct RunConfigDoc {
+    #[serde(default)]
+    config: Option<RunConfigNullable>,
+}
+
+/// The image config as written: any field may be `null`.
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "PascalCase")]
+struct RunConfigNullable {
+    user: Option<String>,
+    env: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    working_dir: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct RootFs {
     diff_ids: Vec<Digest>,
@@ -287,6 +316,23 @@ impl Store {
             }
         }
         Err(Error::ImageNotFound(name_or_digest.to_owned()))
+    }
+
+    /// How `image` wants to be run: entrypoint, command, environment, working directory, user.
+    pub fn run_config(&self, image: &ImageRecord) -> Result<RunConfig, Error> {
+        let doc: RunConfigDoc = serde_json::from_slice(&self.blobs.read(&image.config)?)
+            .map_err(|e| Error::Malformed {
+                what: format!("image config {}", image.config),
+                reason: e.to_string(),
+            })?;
+        let c = doc.config.unwrap_or_default();
+        Ok(RunConfig {
+            user: c.user.unwrap_or_default(),
+            env: c.env.unwrap_or_default(),
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            working_dir: c.working_dir.unwrap_or_default(),
+        })
     }
 
     /// The root filesystem of `image` (read-only by convention; shared by every user).

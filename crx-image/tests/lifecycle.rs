@@ -238,6 +238,10 @@ fn imports_oci_archive_and_layout_written_by_skopeo() {
         b"imported\n"
     );
 
+    let run = s.run_config(&recs[0]).unwrap();
+    assert_eq!(run.cmd, ["/bin/busybox", "sh"]);
+    assert!(run.entrypoint.is_empty() && run.env.is_empty() && run.user.is_empty());
+
     let err = s.import(&copied, None).unwrap_err();
     assert!(err.to_string().contains("pass a name"), "{err}");
     let recs2 = s.import(&copied, Some("local/copied:v1")).unwrap();
