@@ -26,6 +26,14 @@ struct BootArgs {
     /// Kernel command line [default: console on ttyS0, quiet, reboot=k, panic=-1, no PCI]
     #[arg(long)]
     cmdline: Option<String>,
+    /// The initrd's program to run as PID 1 (adds `rdinit=PATH` to the command line), e.g.
+    /// /bin/crx-agent for a pod VM [default: /init, crx-init]
+    #[arg(long)]
+    init: Option<String>,
+    /// Directory for the VM's host sockets (virtiofsd's vhost-user sockets), created 0700
+    /// [default: $XDG_RUNTIME_DIR/crx or /run/crx]
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     #[arg(long, default_value_t = 128)]
@@ -93,6 +101,15 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     if let Some(cmdline) = args.cmdline {
         config.cmdline = cmdline;
     }
+    if let Some(init) = &args.init {
+        anyhow::ensure!(
+            !init.is_empty() && !init.contains(char::is_whitespace),
+            "--init takes one path without spaces, not {init:?}"
+        );
+        // Kernel parameters go before ` -- `, after which words are init's arguments.
+        let at = config.cmdline.find(" -- ").unwrap_or(config.cmdline.len());
+        config.cmdline.insert_str(at, &format!(" rdinit={init}"));
+    }
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.cpu_template = args.cpu_template;
@@ -104,7 +121,12 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         .into_iter()
         .map(DeviceConfig::Block)
         .chain(args.nets.into_iter().map(DeviceConfig::Net))
-        .chain(args.shares.into_iter().map(DeviceConfig::Fs))
+        .chain(args.shares.into_iter().map(|share| {
+            DeviceConfig::Fs(FsConfig {
+                socket_dir: args.runtime_dir.clone(),
+                ..share
+            })
+        }))
         .chain(args.rng.then_some(DeviceConfig::Rng))
         .chain(args.vsock.map(DeviceConfig::Vsock))
         .collect();
