@@ -1,10 +1,12 @@
 //! virtio device throughput, CRX against Firecracker in one run on the same KVM and the same
-//! guest: block sequential read and write (O_DIRECT on /dev/vda) and TCP from the guest to the
-//! host over a tap; vsock from the guest to a host Unix socket (hybrid vsock, both VMMs);
-//! virtio-fs (CRX only: Firecracker has none, and Cloud Hypervisor, the peer
-//! with one, wedges the test host) sequential read, write and small-file metadata. Each sample boots a VM; the guest times its own transfer (/proc/uptime
-//! around the command), so boot time does not count. Inside the test host the absolute figures
-//! are TCG's; the ratios are what count.
+//! guest, the VMMs interleaved round by round (`CRX_BENCH_ROUNDS`, default 10): block
+//! sequential read and write (O_DIRECT on /dev/vda), TCP from the guest to the host over a
+//! tap, vsock from the guest to a host Unix socket (hybrid vsock); virtio-fs sequential read,
+//! write and small-file metadata for CRX alone (Firecracker has no virtio-fs; Cloud Hypervisor,
+//! the peer with one, offers only virtio-pci devices, which this PCI-less guest kernel cannot
+//! see). Each sample boots a VM; the guest times its own transfer (/proc/uptime around the
+//! command), so boot time does not count. Inside the test host the absolute figures are TCG's;
+//! the ratios are what count.
 //!
 //! `cargo bench -p crx-benches --bench devices` (`cargo xtask bench -- -p crx-benches --bench
 //! devices` builds what it needs first).
@@ -195,43 +197,56 @@ fn main() {
         .into_iter()
         .filter(|v| *v != Vmm::CloudHypervisor)
         .collect();
+    let rounds: usize = std::env::var("CRX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10);
     let mut results: BTreeMap<(&str, &str), Vec<Duration>> = BTreeMap::new();
     let mut failures = Vec::new();
     for workload in &workloads {
+        let run = |vmm: Vmm| {
+            let console = bench
+                .run_workload(vmm, &workload.devices, &workload.script)
+                .map_err(|e| e.to_string())?;
+            guest_elapsed(&console).ok_or_else(|| format!("no timing in the console:\n{console}"))
+        };
+        let mut running: Vec<Vmm> = vmms
+            .iter()
+            .copied()
+            .filter(|v| workload.devices.supported_by(*v))
+            .collect();
+        // Rounds interleave the VMMs (in alternating order), so a change in the host's load
+        // falls on all of them alike; a VMM that fails once is dropped from the workload.
+        for round in 0..rounds {
+            let mut order = running.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for vmm in order {
+                match run(vmm) {
+                    Ok(elapsed) => results
+                        .entry((workload.name, vmm.name()))
+                        .or_default()
+                        .push(elapsed),
+                    Err(e) => {
+                        eprintln!("devices bench: {} {}: {e}", vmm.name(), workload.name);
+                        failures.push((vmm.name(), workload.name));
+                        running.retain(|v| *v != vmm);
+                    }
+                }
+            }
+        }
+        // Criterion analyses the recorded samples (each one a VM's guest-timed transfer).
         let mut group = criterion.benchmark_group(workload.name);
         group.sampling_mode(SamplingMode::Flat);
         if workload.mib > 0 {
             group.throughput(Throughput::Bytes((workload.mib << 20) as u64));
         }
-        for &vmm in &vmms {
-            if !workload.devices.supported_by(vmm) {
-                continue;
-            }
-            let run = || {
-                let console = bench
-                    .run_workload(vmm, &workload.devices, &workload.script)
-                    .map_err(|e| e.to_string())?;
-                guest_elapsed(&console)
-                    .ok_or_else(|| format!("no timing in the console:\n{console}"))
-            };
-            if let Err(e) = run() {
-                eprintln!("devices bench: {} {}: {e}", vmm.name(), workload.name);
-                failures.push((vmm.name(), workload.name));
-                continue;
-            }
+        for vmm in &running {
+            let samples = &results[&(workload.name, vmm.name())];
+            let mut next = samples.iter().cycle();
             group.bench_function(vmm.name(), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let elapsed = run().unwrap_or_else(|e| panic!("devices bench: {e}"));
-                        results
-                            .entry((workload.name, vmm.name()))
-                            .or_default()
-                            .push(elapsed);
-                        total += elapsed;
-                    }
-                    total
-                })
+                b.iter_custom(|iters| (0..iters).map(|_| *next.next().expect("samples")).sum())
             });
         }
         group.finish();
