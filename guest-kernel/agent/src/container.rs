@@ -496,7 +496,7 @@ fn plan_process(process: &oci_spec::runtime::Process, terminal: bool) -> Result<
     let caps = process.capabilities().as_ref();
     let set = |pick: fn(&oci_spec::runtime::LinuxCapabilities) -> &Option<oci_spec::runtime::Capabilities>| -> Result<caps::CapsHashSet> {
         caps.and_then(|c| pick(c).as_ref())
-            .map(|set| set.iter().map(|cap| capability(cap)).collect())
+            .map(|set| set.iter().map(capability).collect())
             .unwrap_or_else(|| Ok(Default::default()))
     };
     let rlimits = process

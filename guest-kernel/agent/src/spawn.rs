@@ -20,13 +20,14 @@
 //! `no_new_privs`, and the working directory; `execvp` resolves the program with the
 //! container's `PATH`. Any error ends the child before exec and comes back as the spawn error.
 
-use std::io::{self, IoSlice, PipeReader, PipeWriter};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use caps::{CapSet, Capability, CapsHashSet};
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::socket::{
@@ -98,9 +99,9 @@ pub enum Target {
 /// The agent's ends of a started process's stdio.
 pub enum ProcessIo {
     Pipes {
-        stdin: PipeWriter,
-        stdout: PipeReader,
-        stderr: PipeReader,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
     },
     Pty { master: OwnedFd },
 }
@@ -142,9 +143,10 @@ pub fn spawn(
             .stderr(Stdio::null());
         (None, Some((ours, theirs)))
     } else {
-        let (stdin_r, stdin_w) = io::pipe()?;
-        let (stdout_r, stdout_w) = io::pipe()?;
-        let (stderr_r, stderr_w) = io::pipe()?;
+        let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC);
+        let (stdin_r, stdin_w) = pipe()?;
+        let (stdout_r, stdout_w) = pipe()?;
+        let (stderr_r, stderr_w) = pipe()?;
         command.stdin(stdin_r).stdout(stdout_w).stderr(stderr_w);
         (
             Some(ProcessIo::Pipes {

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use nix::sys::socket::Shutdown;
 use std::sync::{Arc, Mutex};
@@ -67,10 +67,10 @@ pub fn serve(agent: &Agent, conn: File) {
             stdout,
             stderr,
         } => (
-            Some(File::from(OwnedFd::from(stdin))),
+            Some(File::from(stdin)),
             vec![
-                (File::from(OwnedFd::from(stdout)), Stream::Stdout),
-                (File::from(OwnedFd::from(stderr)), Stream::Stderr),
+                (File::from(stdout), Stream::Stdout),
+                (File::from(stderr), Stream::Stderr),
             ],
         ),
         ProcessIo::Pty { master } => {
