@@ -12,7 +12,8 @@
 //!   different version with `VERSION_MISMATCH`.
 //! - [`STDIO_PORT`] (1025): one connection per process's stdio. The host's first frame is a
 //!   [`StdioInput`] carrying `attach` (container id + exec id, empty = the container's main
-//!   process); the agent answers `attached` (or `error` and closes), then streams
+//!   process); the agent answers `attached` as soon as the process exists (so the host attaches
+//!   before `StartContainer`; a second attachment then gets `error`), or `error`, then streams
 //!   `stdout`/`stderr` data, `stdout_eof`/`stderr_eof` once each, and finally `exit`, then
 //!   closes. The host sends `stdin` data, `stdin_eof` and `resize` frames. A process has exactly
 //!   one stdio attachment. With a terminal there is one output stream (`stdout`) and no stderr.

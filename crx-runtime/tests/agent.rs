@@ -56,7 +56,8 @@ impl Pod {
         );
         let mut config = VmConfig::new(dir.join("vmlinux"));
         config.initrd = Some(initrd);
-        config.console = ConsoleOutput::Discard;
+        // Kept after the test (the test host shares /tmp): the agent logs there.
+        config.console = ConsoleOutput::File(std::env::temp_dir().join(format!("crx-agent-test-{test}.console")));
         config.vcpus = 2;
         config.mem_mib = 512;
         config.cmdline.push_str(" rdinit=/bin/crx-agent");

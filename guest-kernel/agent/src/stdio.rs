@@ -48,10 +48,9 @@ pub fn serve(agent: &Agent, conn: File) {
             return;
         }
     };
-    let taken = agent
-        .process(&attach)
-        .and_then(|(container, process)| Ok((container, process.take_io()?)));
-    let (container, (pid, io)) = match taken {
+    // Attached as soon as the process exists, so the host can attach before StartContainer;
+    // its stdio is taken once it has started.
+    let (container, process) = match agent.process(&attach) {
         Ok(found) => found,
         Err(e) => {
             send(&sink, stdio_output::Kind::Error(e));
@@ -61,6 +60,13 @@ pub fn serve(agent: &Agent, conn: File) {
     if !send(&sink, stdio_output::Kind::Attached(Empty {})) {
         return;
     }
+    let (pid, io) = match process.take_io() {
+        Ok(taken) => taken,
+        Err(e) => {
+            send(&sink, stdio_output::Kind::Error(e));
+            return;
+        }
+    };
     let (stdin, outputs) = match io {
         ProcessIo::Pipes {
             stdin,
