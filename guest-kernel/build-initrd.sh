@@ -4,7 +4,8 @@
 #   guest-kernel/build-initrd.sh     # prints the cache directory holding initrd.cpio
 #
 # Contents: /init = crx-init (static, glibc, built from guest-kernel/init), /bin/crx-vsock (the
-# guest side of the vsock tests, same crate), /bin/busybox from
+# guest side of the vsock tests, same crate), /bin/crx-agent (the guest agent, PID 1 when booted
+# with rdinit=/bin/crx-agent; built from guest-kernel/agent), /bin/busybox from
 # Debian's busybox-static with every applet as a hard link in /bin (Debian's static busybox
 # would otherwise run applets inside its own shell instead of exec'ing them), /sbin, /usr/bin,
 # /usr/sbin as symlinks to /bin, /dev/console (char 5:1), /dev /proc /sys /tmp /run /root /etc
@@ -13,11 +14,11 @@
 #
 # Cache: ${CRX_CACHE_DIR:-$HOME/.cache/crx}/guest-initrd/<hash>/ with initrd.cpio, crx-init,
 # cpio-list.txt, inputs.txt; <hash> = sha256 of this script, busybox-static's version, the
-# crx-init sources, the rustc version and the libc crate version(s) in Cargo.lock (or of the
-# binary given as CRX_INIT_BIN). The gen_init_cpio tool is cached in .../guest-initrd/tools/.
+# sources of crx-init, crx-agent and crx-agent-proto, the rustc version and Cargo.lock (or of the
+# binaries given as CRX_INIT_BIN, CRX_VSOCK_BIN, CRX_AGENT_BIN). The gen_init_cpio tool is cached in .../guest-initrd/tools/.
 # Only the result directory's path goes to stdout (last line); progress goes to stderr.
 # Environment: CRX_CACHE_DIR, CRX_INIT_BIN (use this crx-init instead of building it; crx-vsock
-# is then taken from CRX_VSOCK_BIN, else from beside it),
+# and crx-agent are then taken from CRX_VSOCK_BIN and CRX_AGENT_BIN, else from beside it),
 # CRX_KERNEL_TARBALL (source of gen_init_cpio.c), CRX_BUSYBOX (default /bin/busybox).
 set -euo pipefail
 
@@ -44,11 +45,14 @@ inputs="$(
     if [[ -n "${CRX_INIT_BIN:-}" ]]; then
         printf 'crx-init binary %s\n' "$(sha <"$CRX_INIT_BIN")"
         printf 'crx-vsock binary %s\n' "$(sha <"${CRX_VSOCK_BIN:-$(dirname "$CRX_INIT_BIN")/crx-vsock}")"
+        printf 'crx-agent binary %s\n' "$(sha <"${CRX_AGENT_BIN:-$(dirname "$CRX_INIT_BIN")/crx-agent}")"
     else
-        (cd "$here/init" && find . -path ./target -prune -o -type f \( -name '*.rs' -o -name Cargo.toml \) -print |
-            LC_ALL=C sort | while read -r f; do printf 'crx-init %s %s\n' "$(sha <"$f")" "$f"; done)
+        for crate in guest-kernel/init guest-kernel/agent crx-agent-proto; do
+            (cd "$repo/$crate" && find . -path ./target -prune -o -type f \( -name '*.rs' -o -name Cargo.toml \) -print |
+                LC_ALL=C sort | while read -r f; do printf '%s %s %s\n' "$crate" "$(sha <"$f")" "$f"; done)
+        done
         printf 'rustc %s\n' "$(rustc -vV | tr '\n' ' ')"
-        printf 'libc %s\n' "$(awk '/^name = "libc"$/ { getline; print }' "$repo/Cargo.lock" | tr '\n' ' ')"
+        printf 'Cargo.lock %s\n' "$(sha <"$repo/Cargo.lock")"
     fi
 )"
 hash="$(printf '%s\n' "$inputs" | sha)"
@@ -83,15 +87,17 @@ fi
 if [[ -n "${CRX_INIT_BIN:-}" ]]; then
     init_bin="$CRX_INIT_BIN"
     vsock_bin="${CRX_VSOCK_BIN:-$(dirname "$CRX_INIT_BIN")/crx-vsock}"
+    agent_bin="${CRX_AGENT_BIN:-$(dirname "$CRX_INIT_BIN")/crx-agent}"
 else
-    log "building crx-init (static, $target)"
+    log "building crx-init and crx-agent (static, $target)"
     RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static -C strip=symbols" \
-        cargo build --manifest-path "$repo/Cargo.toml" -p crx-init --release --locked \
+        cargo build --manifest-path "$repo/Cargo.toml" -p crx-init -p crx-agent --release --locked \
         --target "$target" --target-dir "$repo/target/guest" >&2
     init_bin="$repo/target/guest/$target/release/crx-init"
     vsock_bin="$repo/target/guest/$target/release/crx-vsock"
+    agent_bin="$repo/target/guest/$target/release/crx-agent"
 fi
-for bin in "$init_bin" "$vsock_bin"; do
+for bin in "$init_bin" "$vsock_bin" "$agent_bin"; do
     file -L "$bin" | grep -q 'statically linked' || die "$bin is not statically linked: $(file -L "$bin")"
 done
 
@@ -101,6 +107,7 @@ rm -rf "$tmp"
 mkdir -p "$tmp"
 cp "$init_bin" "$tmp/crx-init"
 cp "$vsock_bin" "$tmp/crx-vsock"
+cp "$agent_bin" "$tmp/crx-agent"
 applets=()
 while read -r a; do
     [[ -n "$a" && "$a" != busybox && "$a" != */* ]] && applets+=("/bin/$a")
@@ -115,6 +122,7 @@ done < <("$busybox" --list)
     echo "slink /usr/sbin ../bin 0777 0 0"
     echo "file /init $tmp/crx-init 0755 0 0"
     echo "file /bin/crx-vsock $tmp/crx-vsock 0755 0 0"
+    echo "file /bin/crx-agent $tmp/crx-agent 0755 0 0"
     echo "file /bin/busybox $busybox 0755 0 0 ${applets[*]}"
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$tmp/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$tmp/group"
@@ -126,5 +134,5 @@ printf '%s\n' "$inputs" >"$tmp/inputs.txt"
 touch "$tmp/.done"
 rm -rf "$out"
 mv "$tmp" "$out"
-log "initrd.cpio $(stat -c %s "$out/initrd.cpio") bytes, ${#applets[@]} busybox applets, crx-init $(stat -c %s "$out/crx-init") bytes, crx-vsock $(stat -c %s "$out/crx-vsock") bytes"
+log "initrd.cpio $(stat -c %s "$out/initrd.cpio") bytes, ${#applets[@]} busybox applets, crx-init $(stat -c %s "$out/crx-init") bytes, crx-vsock $(stat -c %s "$out/crx-vsock") bytes, crx-agent $(stat -c %s "$out/crx-agent") bytes"
 echo "$out"

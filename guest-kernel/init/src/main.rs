@@ -14,8 +14,8 @@
 //!    i8042 reset, which Firecracker and Cloud Hypervisor turn into a VM exit).
 
 mod command;
-mod hw;
-mod setup;
+
+use crx_init::{hw, setup};
 
 /// Environment variable (set from the kernel command line) that makes init print the status.
 const VERBOSE_ENV: &str = "crx_init_verbose";

@@ -67,6 +67,28 @@ pub fn mount_filesystems() {
     }
 }
 
+/// The guest agent's extra mounts: tmpfs on /run (container rootfs upper layers and shares)
+/// and /tmp, devpts on /dev/pts, tmpfs on /dev/shm; failures are reported, not fatal.
+pub fn mount_agent_filesystems() {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let mounts = [
+        (c"tmpfs", c"/run", flags, c"mode=0755"),
+        (c"tmpfs", c"/tmp", flags, c"mode=1777"),
+        (c"devpts", c"/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC, c"mode=0620,ptmxmode=0666"),
+        (c"tmpfs", c"/dev/shm", flags, c"mode=1777"),
+    ];
+    for (fstype, dir, flags, data) in mounts {
+        let _ = std::fs::create_dir(dir.to_str().unwrap_or("/"));
+        if let Err(e) = mount(fstype, dir, fstype, flags, data) {
+            eprintln!(
+                "crx-agent: mount {} on {}: {e}",
+                fstype.to_string_lossy(),
+                dir.to_string_lossy()
+            );
+        }
+    }
+}
+
 /// Sets `PATH` for init and, by inheritance, the command.
 pub fn set_path() {
     // Single-threaded here (PID 1 before running anything), so changing the environment is
