@@ -320,10 +320,12 @@ impl Store {
 
     /// How `image` wants to be run: entrypoint, command, environment, working directory, user.
     pub fn run_config(&self, image: &ImageRecord) -> Result<RunConfig, Error> {
-        let doc: RunConfigDoc = serde_json::from_slice(&self.blobs.read(&image.config)?)
-            .map_err(|e| Error::Malformed {
-                what: format!("image config {}", image.config),
-                reason: e.to_string(),
+        let doc: RunConfigDoc =
+            serde_json::from_slice(&self.blobs.read(&image.config)?).map_err(|e| {
+                Error::Malformed {
+                    what: format!("image config {}", image.config),
+                    reason: e.to_string(),
+                }
             })?;
         let c = doc.config.unwrap_or_default();
         Ok(RunConfig {

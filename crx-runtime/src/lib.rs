@@ -1,4 +1,11 @@
 //! crx-runtime: CRX's host runtime library, shared by the `crx` command line and the CRI shim.
-//! For now it owns [`agent`], the client of the guest agent.
+//!
+//! - [`agent`]: the client of the guest agent (requests on vsock port 1024, stdio on 1025).
+//! - [`sandbox`]: one `crx-vmm` process per pod VM, its state directory, start/stop/remove.
+//! - [`spec`]: a container's OCI runtime spec from the image's run config and overrides.
+//! - [`pod`]: a one-container pod: image lease, rootfs share, sandbox, container.
 
 pub mod agent;
+pub mod pod;
+pub mod sandbox;
+pub mod spec;

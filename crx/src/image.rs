@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use crx_image::{LogProgress, Progress, RegistryConfig, Store};
+use crx_image::{ImageRecord, LogProgress, Progress, RegistryConfig, Store};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Where the store is and how registries are reached (every image subcommand takes these).
@@ -29,7 +29,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Store> {
+    pub fn open(&self) -> anyhow::Result<Store> {
         let mut cfg = RegistryConfig::from_env();
         if let Some(f) = &self.auth_file {
             cfg.auth_file = Some(f.clone());
@@ -106,17 +106,7 @@ pub enum ImageAdmin {
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Pull { reference, store } => {
-            let store = store.open()?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let record = if std::io::stderr().is_terminal() {
-                runtime.block_on(store.pull(&reference, &Bars::default()))
-            } else {
-                runtime.block_on(store.pull(&reference, &LogProgress))
-            }
-            .with_context(|| format!("pulling {reference}"))?;
+            let record = pull(&store.open()?, &reference)?;
             println!("{} {}", record.name, record.manifest);
         }
         ImageCommand::Images { digests, store } => {
@@ -192,6 +182,20 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pulls `reference` into `store`, with progress bars on a terminal, log events otherwise.
+pub fn pull(store: &Store, reference: &str) -> anyhow::Result<ImageRecord> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if std::io::stderr().is_terminal() {
+        runtime.block_on(store.pull(reference, &Bars::default()))
+    } else {
+        runtime.block_on(store.pull(reference, &LogProgress))
+    }
+    .with_context(|| format!("pulling {reference}"))
 }
 
 /// One line about what a garbage collection freed.

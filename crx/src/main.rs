@@ -1,6 +1,7 @@
 //! `crx`: the operator's command line for CRX microVMs.
 
 mod image;
+mod pod;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ enum Command {
     },
     #[command(flatten)]
     Image(image::ImageCommand),
+    #[command(flatten)]
+    Pod(pod::PodCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             image::run(cmd)?;
             0
         }
+        Command::Pod(cmd) => pod::run(cmd)?,
     };
     std::process::exit(code)
 }

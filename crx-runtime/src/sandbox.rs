@@ -1,0 +1,478 @@
+//! Pod sandboxes on the host: one `crx-vmm` process per sandbox, booted with the guest agent as
+//! PID 1, a hybrid-vsock socket to reach it, virtio-fs shares for root filesystems, and the
+//! state directory that lets any later `crx` process (or a restarted shim) find it again.
+//!
+//! Layout, all under `<run root>/sandboxes/<id>/` (mode 0700, root's alone): `state.json`,
+//! `vsock` (the hybrid-vsock socket; guest ports are reached with `CONNECT <port>`),
+//! `console.log` (the guest console), `vmm.log` (the VMM's own output) and virtiofsd's
+//! vhost-user sockets. A sandbox owns nothing on the host outside that directory and its
+//! processes: the VMM, and virtiofsd children that die with it (`PR_SET_PDEATHSIG`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{AgentClient, AgentError};
+
+/// Where sandboxes live unless configured otherwise.
+pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
+/// The guest's vsock context ID (each VM has its own vsock device, so every guest can use 3).
+pub const GUEST_CID: u32 = 3;
+/// The agent binary in CRX's initrd, booted as PID 1.
+pub const AGENT_INIT: &str = "/bin/crx-agent";
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox id {0:?} is invalid: use 1 to 64 letters, digits, '_', '.', '-', not starting with '.' or '-'")]
+    InvalidId(String),
+    #[error("sandbox {0} already exists")]
+    Exists(String),
+    #[error("no sandbox {0}")]
+    NotFound(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the VMM {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sandbox state {path} is unreadable: {reason}")]
+    State { path: PathBuf, reason: String },
+    #[error("the VMM of sandbox {id} exited before its agent answered; its log:\n{log}")]
+    VmmExited { id: String, log: String },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl SandboxError {
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
+        move |source| SandboxError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A host directory shared into the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub tag: String,
+    pub dir: PathBuf,
+    pub read_only: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Guest kernel and initrd; `None` is the installed default guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub shares: Vec<Share>,
+    /// The `crx-vmm` binary.
+    pub vmm: PathBuf,
+    /// Free-form facts kept with the sandbox (the image it runs, the command, …).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What is persisted about a sandbox (`state.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub id: String,
+    pub vmm_pid: u32,
+    /// The VMM's start time in clock ticks since boot (`/proc/<pid>/stat` field 22): tells the
+    /// VMM apart from a later process that reuses its pid.
+    pub vmm_start_ticks: u64,
+    pub created_unix: u64,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub shares: Vec<Share>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One sandbox: its directory, its state and, in the process that started it, the VMM child.
+#[derive(Debug)]
+pub struct Sandbox {
+    dir: PathBuf,
+    state: SandboxState,
+    child: Option<Child>,
+}
+
+/// Checks a sandbox id: it names a directory, so nothing that could leave `sandboxes/`.
+pub fn check_id(id: &str) -> Result<(), SandboxError> {
+    let ok = (1..=64).contains(&id.len())
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidId(id.to_owned()))
+    }
+}
+
+fn sandboxes_dir(run_root: &Path) -> PathBuf {
+    run_root.join("sandboxes")
+}
+
+impl Sandbox {
+    /// Creates the sandbox directory, starts its VMM with the agent as init, and records it.
+    /// The VMM runs in its own process group, so a terminal's ^C reaches `crx`, not the VM.
+    pub fn start(run_root: &Path, config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        check_id(&config.id)?;
+        let parent = sandboxes_dir(run_root);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)
+            .map_err(SandboxError::io("cannot create", &parent))?;
+        let dir = parent.join(&config.id);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists(config.id.clone()))
+            }
+            Err(e) => return Err(SandboxError::io("cannot create", &dir)(e)),
+        }
+        match Self::spawn(&dir, config) {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn(dir: &Path, config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let log_path = dir.join("vmm.log");
+        let log =
+            fs::File::create(&log_path).map_err(SandboxError::io("cannot create", &log_path))?;
+        let log_err = log
+            .try_clone()
+            .map_err(SandboxError::io("cannot duplicate", &log_path))?;
+        let mut cmd = Command::new(&config.vmm);
+        if let Some(kernel) = &config.kernel {
+            cmd.arg("--kernel").arg(kernel);
+        }
+        if let Some(initrd) = &config.initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
+        cmd.args(["--init", AGENT_INIT])
+            .arg("--vcpus")
+            .arg(config.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(config.mem_mib.to_string())
+            .arg("--console")
+            .arg(dir.join("console.log"))
+            .arg("--runtime-dir")
+            .arg(dir)
+            .arg("--vsock")
+            .arg(format!("{GUEST_CID},{}", dir.join("vsock").display()));
+        for share in &config.shares {
+            let ro = if share.read_only { ",ro" } else { "" };
+            cmd.arg("--fs")
+                .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+            path: config.vmm.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let state = SandboxState {
+            id: config.id.clone(),
+            vmm_pid: pid,
+            vmm_start_ticks: start_ticks(pid).unwrap_or(0),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            shares: config.shares.clone(),
+            labels: config.labels.clone(),
+        };
+        let mut sandbox = Sandbox {
+            dir: dir.to_owned(),
+            state,
+            child: Some(child),
+        };
+        if let Err(e) = sandbox.save() {
+            sandbox.kill();
+            return Err(e);
+        }
+        tracing::info!(id = %config.id, pid, "sandbox VMM started");
+        Ok(sandbox)
+    }
+
+    fn save(&self) -> Result<(), SandboxError> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join(".state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        let write = || -> io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(SandboxError::io("cannot write", &path))
+    }
+
+    /// The sandbox `id`, as recorded by whichever process started it.
+    pub fn open(run_root: &Path, id: &str) -> Result<Sandbox, SandboxError> {
+        check_id(id)?;
+        let dir = sandboxes_dir(run_root).join(id);
+        let path = dir.join("state.json");
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SandboxError::NotFound(id.to_owned()))
+            }
+            Err(e) => return Err(SandboxError::io("cannot read", &path)(e)),
+        };
+        let state: SandboxState =
+            serde_json::from_slice(&bytes).map_err(|e| SandboxError::State {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if state.id != id {
+            return Err(SandboxError::State {
+                path,
+                reason: format!("it names sandbox {:?}", state.id),
+            });
+        }
+        Ok(Sandbox {
+            dir,
+            state,
+            child: None,
+        })
+    }
+
+    /// Every sandbox under `run_root`, by id. A directory whose state cannot be read is listed
+    /// as an error, not skipped, so it can be removed.
+    pub fn list(run_root: &Path) -> Result<Vec<Result<Sandbox, SandboxError>>, SandboxError> {
+        let parent = sandboxes_dir(run_root);
+        let entries = match fs::read_dir(&parent) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(SandboxError::io("cannot list", &parent)(e)),
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| check_id(id).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids.iter().map(|id| Sandbox::open(run_root, id)).collect())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    pub fn state(&self) -> &SandboxState {
+        &self.state
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The hybrid-vsock socket of the VM.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join("vsock")
+    }
+
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Whether the VMM process still runs.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => {
+                let pid = self.state.vmm_pid;
+                start_ticks(pid).is_some_and(|t| t == self.state.vmm_start_ticks) && !is_zombie(pid)
+            }
+        }
+    }
+
+    /// Connects to the agent, retrying while the guest boots, until `deadline`; fails early
+    /// with the VMM's log when the VMM has exited.
+    pub fn agent(&mut self, deadline: Instant) -> Result<AgentClient, SandboxError> {
+        loop {
+            let step = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            match AgentClient::connect(&self.vsock_path(), step) {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    if !self.is_running() {
+                        return Err(SandboxError::VmmExited {
+                            id: self.state.id.clone(),
+                            log: self.log_tail(),
+                        });
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last lines of the VMM's log and the guest console, for error reports.
+    pub fn log_tail(&self) -> String {
+        let tail = |name: &str| {
+            let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        format!(
+            "{}\n--- guest console ---\n{}",
+            tail("vmm.log"),
+            tail("console.log")
+        )
+    }
+
+    /// Waits up to `timeout` for the VMM to exit; true when it has.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_running() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the VM: asks the agent to power off, waits up to `grace`, then kills the VMM.
+    pub fn stop(&mut self, grace: Duration) {
+        if !self.is_running() {
+            return;
+        }
+        let deadline = Instant::now() + grace.min(Duration::from_secs(2));
+        if let Ok(mut agent) = AgentClient::connect(&self.vsock_path(), deadline) {
+            let _ = agent.shutdown();
+        }
+        if !self.wait_exit(grace) {
+            tracing::warn!(id = %self.state.id, "the VM did not power off in {grace:?}; killing its VMM");
+            self.kill();
+        }
+    }
+
+    /// Kills the VMM at once (its virtiofsd children die with it).
+    pub fn kill(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        } else if self.is_running() {
+            // SAFETY: kill(2) on the recorded VMM pid, checked just above to still be that
+            // process by its start time.
+            unsafe { libc::kill(self.state.vmm_pid as libc::pid_t, libc::SIGKILL) };
+            self.wait_exit(Duration::from_secs(5));
+        }
+    }
+
+    /// Stops the VM (killing it after `grace`) and removes everything the sandbox had on the
+    /// host.
+    pub fn remove(mut self, grace: Duration) -> Result<(), SandboxError> {
+        self.stop(grace);
+        fs::remove_dir_all(&self.dir).map_err(SandboxError::io("cannot remove", &self.dir))?;
+        tracing::info!(id = %self.state.id, "sandbox removed");
+        Ok(())
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_leave_the_sandboxes_directory() {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../x",
+            "a/b",
+            "-rf",
+            ".hidden",
+            &"x".repeat(65),
+            "a b",
+        ] {
+            assert!(check_id(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "pod-1", "web_2.v3", &"x".repeat(64)] {
+            check_id(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn start_ticks_tell_a_live_process() {
+        let me = std::process::id();
+        assert!(start_ticks(me).is_some());
+        assert!(!is_zombie(me));
+        assert_eq!(start_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_missing_vmm_binary_fails_cleanly_and_leaves_no_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let config = SandboxConfig {
+            id: "p1".into(),
+            vcpus: 1,
+            mem_mib: 128,
+            kernel: None,
+            initrd: None,
+            shares: Vec::new(),
+            vmm: root.path().join("no-such-vmm"),
+            labels: BTreeMap::new(),
+        };
+        let err = Sandbox::start(root.path(), &config).unwrap_err();
+        assert!(matches!(err, SandboxError::Spawn { .. }), "{err}");
+        assert!(!root.path().join("sandboxes/p1").exists());
+        assert!(matches!(
+            Sandbox::open(root.path(), "p1"),
+            Err(SandboxError::NotFound(_))
+        ));
+        assert!(Sandbox::list(root.path()).unwrap().is_empty());
+    }
+}
