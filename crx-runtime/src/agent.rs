@@ -14,7 +14,7 @@ use crx_agent_proto::{
     ConfigureSandbox, ContainerInfo, ContainerRef, ContainerStats, CreateContainer, Empty,
     ErrorCode, ExecProcess, ExitStatus, FrameError, Hello, HelloReply, ProcessRef, Request,
     ResizeTerminal, Response, Rootfs, SignalProcess, StatsRequest, StdioInput, StdioOutput,
-    PROTOCOL_VERSION, REQUEST_PORT, STDIO_PORT, STDIO_CHUNK,
+    PROTOCOL_VERSION, REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
 };
 use oci_spec::runtime::Spec;
 
@@ -388,7 +388,10 @@ impl StdioInputHalf {
     }
 
     pub fn resize(&mut self, rows: u32, cols: u32) -> Result<(), AgentError> {
-        self.send(stdio_input::Kind::Resize(crx_agent_proto::Resize { rows, cols }))
+        self.send(stdio_input::Kind::Resize(crx_agent_proto::Resize {
+            rows,
+            cols,
+        }))
     }
 }
 
