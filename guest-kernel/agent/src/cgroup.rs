@@ -53,9 +53,8 @@ impl Cgroup {
             return Ok(());
         };
         let set = |file: &str, value: String| {
-            fs::write(self.dir.join(file), &value).map_err(|e| {
-                io::Error::new(e.kind(), format!("{file} = {value}: {e}"))
-            })
+            fs::write(self.dir.join(file), &value)
+                .map_err(|e| io::Error::new(e.kind(), format!("{file} = {value}: {e}")))
         };
         if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
             set("memory.max", max_value(limit))?;

@@ -10,8 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crx_agent_proto::{
-    self as proto, ContainerInfo, ContainerState, ContainerStats, ErrorCode, ExitKind,
-    ExitStatus,
+    self as proto, ContainerInfo, ContainerState, ContainerStats, ErrorCode, ExitKind, ExitStatus,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -172,7 +171,10 @@ impl Agent {
         if !lower.is_dir() {
             return Err(fail(
                 ErrorCode::NotFound,
-                format!("rootfs {:?} is not a directory on {}", rootfs.path, rootfs.fs_tag),
+                format!(
+                    "rootfs {:?} is not a directory on {}",
+                    rootfs.path, rootfs.fs_tag
+                ),
             ));
         }
         if lock(&self.containers).contains_key(&req.container_id) {
@@ -180,7 +182,8 @@ impl Agent {
         }
         let dir = Path::new(CONTAINERS_DIR).join(&req.container_id);
         for sub in ["upper", "work", "rootfs"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io_fail("creating the container dir"))?;
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io_fail("creating the container dir"))?;
         }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -266,7 +269,10 @@ impl Agent {
             hostname: spec.hostname().clone(),
             readonly_root: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
         };
-        let procs = container.cgroup.procs_file().map_err(io_fail("cgroup.procs"))?;
+        let procs = container
+            .cgroup
+            .procs_file()
+            .map_err(io_fail("cgroup.procs"))?;
         let (pid, io) = spawn::spawn(&self.reaper, &plan, target, &procs)
             .map_err(io_fail("starting the container"))?;
         container.main.started(pid, io);
@@ -283,7 +289,11 @@ impl Agent {
         let init = container
             .running_pid(&self.reaper)
             .ok_or_else(|| fail(ErrorCode::InvalidState, "container is not running"))?;
-        let spec_process = container.spec.process().as_ref().expect("checked at create");
+        let spec_process = container
+            .spec
+            .process()
+            .as_ref()
+            .expect("checked at create");
         let mut plan = plan_process(spec_process, req.terminal)?;
         if req.args.is_empty() {
             return Err(fail(ErrorCode::BadRequest, "exec without args"));
@@ -309,7 +319,10 @@ impl Agent {
                 (ns("ipc")?, CloneFlags::CLONE_NEWIPC),
             ],
         };
-        let procs = container.cgroup.procs_file().map_err(io_fail("cgroup.procs"))?;
+        let procs = container
+            .cgroup
+            .procs_file()
+            .map_err(io_fail("cgroup.procs"))?;
         let (pid, io) = spawn::spawn(&self.reaper, &plan, target, &procs)
             .map_err(io_fail("starting the exec process"))?;
         let process = Arc::new(Process::default());
@@ -370,7 +383,9 @@ impl Agent {
         let containers: Vec<Arc<Container>> = if ids.is_empty() {
             lock(&self.containers).values().cloned().collect()
         } else {
-            ids.iter().map(|id| self.container(id)).collect::<Result<_>>()?
+            ids.iter()
+                .map(|id| self.container(id))
+                .collect::<Result<_>>()?
         };
         Ok(containers
             .iter()
@@ -429,7 +444,10 @@ impl Agent {
         }
         let _ = umount2(&container.rootfs(), MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&container.dir);
-        container.cgroup.remove().map_err(io_fail("removing the cgroup"))
+        container
+            .cgroup
+            .remove()
+            .map_err(io_fail("removing the cgroup"))
     }
 }
 
@@ -473,7 +491,10 @@ fn relative_path(path: &str) -> Result<PathBuf> {
     if clean {
         Ok(path.to_path_buf())
     } else {
-        Err(fail(ErrorCode::BadRequest, format!("bad rootfs path {path:?}")))
+        Err(fail(
+            ErrorCode::BadRequest,
+            format!("bad rootfs path {path:?}"),
+        ))
     }
 }
 
@@ -494,7 +515,10 @@ fn plan_process(process: &oci_spec::runtime::Process, terminal: bool) -> Result<
     }
     let user = process.user();
     let caps = process.capabilities().as_ref();
-    let set = |pick: fn(&oci_spec::runtime::LinuxCapabilities) -> &Option<oci_spec::runtime::Capabilities>| -> Result<caps::CapsHashSet> {
+    let set = |pick: fn(
+        &oci_spec::runtime::LinuxCapabilities,
+    ) -> &Option<oci_spec::runtime::Capabilities>|
+     -> Result<caps::CapsHashSet> {
         caps.and_then(|c| pick(c).as_ref())
             .map(|set| set.iter().map(capability).collect())
             .unwrap_or_else(|| Ok(Default::default()))
@@ -555,7 +579,12 @@ fn rlimit_resource(typ: PosixRlimitType) -> Result<libc::__rlimit_resource_t> {
         T::RlimitRtprio => libc::RLIMIT_RTPRIO,
         T::RlimitRttime => libc::RLIMIT_RTTIME,
         #[allow(unreachable_patterns)] // future rlimits
-        _ => return Err(fail(ErrorCode::BadRequest, format!("unsupported rlimit {typ}"))),
+        _ => {
+            return Err(fail(
+                ErrorCode::BadRequest,
+                format!("unsupported rlimit {typ}"),
+            ))
+        }
     })
 }
 

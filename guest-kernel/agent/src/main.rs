@@ -48,6 +48,15 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Environment variable (a `name=value` word on the kernel command line) that makes the agent
+/// log every request and reply on the console.
+const VERBOSE_ENV: &str = "crx_agent_verbose";
+
+pub fn verbose() -> bool {
+    static VERBOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VERBOSE.get_or_init(|| std::env::var_os(VERBOSE_ENV).is_some_and(|v| v == "1"))
+}
+
 /// Writes exit status 0 and powers the VM off.
 pub fn shut_down() -> ! {
     if let Some(page) = hw::PhysPage::map(hw::BOOT_TIMER_ADDR) {
@@ -69,6 +78,7 @@ fn main() {
     setup::mount_filesystems();
     setup::mount_agent_filesystems();
     setup::set_path();
+    verbose(); // read before any thread starts
     if let Err(e) = cgroup::init() {
         eprintln!("crx-agent: cgroup controllers: {e}");
     }
@@ -82,16 +92,15 @@ fn main() {
     let stdio = listen(STDIO_PORT);
     let listen_us = start.elapsed().as_micros() as u64;
     eprintln!(
-        "crx-agent: listening on vsock ports {REQUEST_PORT} and {STDIO_PORT}, {listen_us} us after start"
+        "crx-agent: listening on vsock ports {REQUEST_PORT} and {STDIO_PORT}, {listen_us} us after start{}",
+        if verbose() { " (verbose)" } else { "" }
     );
 
     let agent = Arc::new(Agent::default());
     let reaper = agent.clone();
     std::thread::spawn(move || reaper.reaper.run());
     let stdio_agent = agent.clone();
-    std::thread::spawn(move || {
-        stdio.serve("stdio", move |conn| stdio::serve(&stdio_agent, conn))
-    });
+    std::thread::spawn(move || stdio.serve("stdio", move |conn| stdio::serve(&stdio_agent, conn)));
     requests.serve("request", move |conn| {
         server::serve(&agent, conn, listen_us)
     });

@@ -49,10 +49,7 @@ impl Reaper {
             if let Some(Some(exit)) = table.get(&pid) {
                 return *exit;
             }
-            table = self
-                .changed
-                .wait(table)
-                .unwrap_or_else(|e| e.into_inner());
+            table = self.changed.wait(table).unwrap_or_else(|e| e.into_inner());
         }
     }
 

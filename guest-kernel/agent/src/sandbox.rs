@@ -31,7 +31,10 @@ pub fn configure(reaper: &Reaper, req: &ConfigureSandbox) -> Result<ConfigureRep
         std::fs::write("/etc/resolv.conf", conf).map_err(io_fail("/etc/resolv.conf"))?;
     }
     for (key, value) in &req.sysctls {
-        if key.split(['.', '/']).any(|part| part.is_empty() || part == "..") {
+        if key
+            .split(['.', '/'])
+            .any(|part| part.is_empty() || part == "..")
+        {
             return Err(fail(ErrorCode::BadRequest, format!("bad sysctl {key:?}")));
         }
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
@@ -43,10 +46,23 @@ pub fn configure(reaper: &Reaper, req: &ConfigureSandbox) -> Result<ConfigureRep
             continue;
         }
         if !iface.mac.is_empty() {
-            ip(reaper, &["link", "set", "dev", &iface.name, "address", &iface.mac])?;
+            ip(
+                reaper,
+                &["link", "set", "dev", &iface.name, "address", &iface.mac],
+            )?;
         }
         if iface.mtu != 0 {
-            ip(reaper, &["link", "set", "dev", &iface.name, "mtu", &iface.mtu.to_string()])?;
+            ip(
+                reaper,
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    &iface.name,
+                    "mtu",
+                    &iface.mtu.to_string(),
+                ],
+            )?;
         }
         for address in &iface.addresses {
             ip(reaper, &["addr", "add", address, "dev", &iface.name])?;
@@ -55,7 +71,10 @@ pub fn configure(reaper: &Reaper, req: &ConfigureSandbox) -> Result<ConfigureRep
     }
     for route in &req.routes {
         if !route.device.is_empty() && !interface_exists(&route.device) {
-            skipped.push(format!("route {}: device {} not present", route.destination, route.device));
+            skipped.push(format!(
+                "route {}: device {} not present",
+                route.destination, route.device
+            ));
             continue;
         }
         let mut args = vec!["route", "add", route.destination.as_str()];

@@ -21,17 +21,28 @@ pub fn serve(agent: &Agent, mut conn: File, listen_us: u64) {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(e @ FrameError::Decode(_)) => {
-                if reply(&mut conn, 0, Err(fail(ErrorCode::BadRequest, e.to_string()))) {
+                if reply(
+                    &mut conn,
+                    0,
+                    Err(fail(ErrorCode::BadRequest, e.to_string())),
+                ) {
                     continue;
                 }
                 return;
             }
             Err(e @ FrameError::TooLarge { .. }) => {
-                reply(&mut conn, 0, Err(fail(ErrorCode::BadRequest, e.to_string())));
+                reply(
+                    &mut conn,
+                    0,
+                    Err(fail(ErrorCode::BadRequest, e.to_string())),
+                );
                 return;
             }
             Err(_) => return,
         };
+        if crate::verbose() {
+            eprintln!("crx-agent: request {}: {:?}", request.id, request.kind);
+        }
         let result = match request.kind {
             Some(Kind::Hello(hello)) if hello.protocol_version == PROTOCOL_VERSION => {
                 greeted = true;
@@ -67,6 +78,9 @@ pub fn serve(agent: &Agent, mut conn: File, listen_us: u64) {
 
 fn reply(conn: &mut File, id: u64, result: Result<response::Result>) -> bool {
     let result = result.unwrap_or_else(response::Result::Error);
+    if crate::verbose() {
+        eprintln!("crx-agent: reply {id}: {result:?}");
+    }
     write_frame(
         conn,
         &Response {

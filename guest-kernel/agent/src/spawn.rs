@@ -103,7 +103,9 @@ pub enum ProcessIo {
         stdout: OwnedFd,
         stderr: OwnedFd,
     },
-    Pty { master: OwnedFd },
+    Pty {
+        master: OwnedFd,
+    },
 }
 
 /// The devices bind-mounted from the agent's /dev into a container's `/dev` tmpfs.
@@ -128,7 +130,10 @@ pub fn spawn(
         .first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "process has no args"))?;
     let mut command = Command::new(program);
-    command.args(&plan.args[1..]).env_clear().envs(plan.env.iter().cloned());
+    command
+        .args(&plan.args[1..])
+        .env_clear()
+        .envs(plan.env.iter().cloned());
 
     let (agent_io, pty_socket) = if plan.terminal {
         let (ours, theirs) = socketpair(
@@ -416,7 +421,8 @@ fn mount_one(m: &MountPlan) -> io::Result<()> {
 }
 
 fn set_user_and_caps(plan: &ProcessPlan) -> io::Result<()> {
-    let caps_err = |what: &str, e: caps::errors::CapsError| context(what, io::Error::other(e.to_string()));
+    let caps_err =
+        |what: &str, e: caps::errors::CapsError| context(what, io::Error::other(e.to_string()));
     for cap in caps::all() {
         if !plan.caps.bounding.contains(&cap) {
             caps::drop(None, CapSet::Bounding, cap).map_err(|e| caps_err("bounding set", e))?;
@@ -424,7 +430,11 @@ fn set_user_and_caps(plan: &ProcessPlan) -> io::Result<()> {
     }
     // SAFETY: prctl(PR_SET_KEEPCAPS) only sets a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
-    let groups: Vec<Gid> = plan.additional_gids.iter().map(|&g| Gid::from_raw(g)).collect();
+    let groups: Vec<Gid> = plan
+        .additional_gids
+        .iter()
+        .map(|&g| Gid::from_raw(g))
+        .collect();
     nix::unistd::setgroups(&groups).map_err(|e| context("setgroups", e.into()))?;
     let (gid, uid) = (Gid::from_raw(plan.gid), Uid::from_raw(plan.uid));
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| context("setgid", e.into()))?;

@@ -12,8 +12,8 @@ use nix::sys::socket::Shutdown;
 use std::sync::{Arc, Mutex};
 
 use crx_agent_proto::{
-    read_frame, stdio_input, stdio_output, write_frame, Empty, ErrorCode, StdioInput,
-    StdioOutput, STDIO_CHUNK,
+    read_frame, stdio_input, stdio_output, write_frame, Empty, ErrorCode, StdioInput, StdioOutput,
+    STDIO_CHUNK,
 };
 
 use crate::container::{set_window_size, Agent};
@@ -39,12 +39,18 @@ pub fn serve(agent: &Agent, conn: File) {
         })) => target,
         Ok(None) => return,
         Ok(Some(_)) => {
-            let e = fail(ErrorCode::BadRequest, "the first stdio frame must be attach");
+            let e = fail(
+                ErrorCode::BadRequest,
+                "the first stdio frame must be attach",
+            );
             send(&sink, stdio_output::Kind::Error(e));
             return;
         }
         Err(e) => {
-            send(&sink, stdio_output::Kind::Error(fail(ErrorCode::BadRequest, e.to_string())));
+            send(
+                &sink,
+                stdio_output::Kind::Error(fail(ErrorCode::BadRequest, e.to_string())),
+            );
             return;
         }
     };
@@ -59,6 +65,9 @@ pub fn serve(agent: &Agent, conn: File) {
     };
     if !send(&sink, stdio_output::Kind::Attached(Empty {})) {
         return;
+    }
+    if crate::verbose() {
+        eprintln!("crx-agent: stdio attached to {attach:?}");
     }
     let (pid, io) = match process.take_io() {
         Ok(taken) => taken,
@@ -97,7 +106,10 @@ pub fn serve(agent: &Agent, conn: File) {
             for pump in pumps {
                 let _ = pump.join();
             }
-            send(&sink, stdio_output::Kind::Exit(agent.exit_status(&container, pid)));
+            send(
+                &sink,
+                stdio_output::Kind::Exit(agent.exit_status(&container, pid)),
+            );
             // Ends the input loop below too.
             let _ = nix::sys::socket::shutdown(lock(&sink).as_raw_fd(), Shutdown::Both);
         });

@@ -74,7 +74,12 @@ pub fn mount_agent_filesystems() {
     let mounts = [
         (c"tmpfs", c"/run", flags, c"mode=0755"),
         (c"tmpfs", c"/tmp", flags, c"mode=1777"),
-        (c"devpts", c"/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC, c"mode=0620,ptmxmode=0666"),
+        (
+            c"devpts",
+            c"/dev/pts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=0620,ptmxmode=0666",
+        ),
         (c"tmpfs", c"/dev/shm", flags, c"mode=1777"),
     ];
     for (fstype, dir, flags, data) in mounts {
