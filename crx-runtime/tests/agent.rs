@@ -281,7 +281,6 @@ fn remote_code(result: Result<impl std::fmt::Debug, AgentError>) -> ErrorCode {
 }
 
 #[test]
-#[ignore = "unfinished: the agent never answers a stdio attach to an existing container (see the report); run with --ignored"]
 fn agent_runs_containers() {
     if !crx_testhost::vm_test_here!() {
         return;
@@ -496,7 +495,6 @@ fn agent_runs_containers() {
 }
 
 #[test]
-#[ignore = "unfinished: the agent never answers a stdio attach to an existing container (see the report); run with --ignored"]
 fn agent_survives_hostile_requests_oom_and_fork_bombs() {
     if !crx_testhost::vm_test_here!() {
         return;

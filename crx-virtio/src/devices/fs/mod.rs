@@ -348,6 +348,9 @@ impl Fs {
             return;
         };
         active.interrupt.mark_needs_reset();
+        // virtiofsd may have died between publishing a reply in the used ring and signalling
+        // the call fd; a used-buffer interrupt makes the driver look (a spare one is harmless).
+        active.interrupt.signal_used_queue();
         match orphaned::take_over(&mut active.queues, &active.mem) {
             Ok(unanswered) => tracing::warn!(
                 "virtio-fs {}: failing {unanswered} requests virtiofsd left unanswered",
