@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a machine for CRX: installs the Debian packages in setup/apt-packages.txt and virtiofsd
-# (the virtio-fs backend, `cargo install`), builds the workspace (release), builds and installs the default guest (kernel + initrd, cached by content),
-# and, where this host's /dev/kvm is PVM, prepares the KVM test host (QEMU TCG + kvm_amd).
+# (the virtio-fs backend, `cargo install`), builds the workspace (release), builds and installs the
+# default guest (kernel + initrd, cached by content), builds the bundled busybox OCI image and
+# imports it into the image store (/var/lib/crx, or $CRX_ROOT), and, where this host's /dev/kvm is
+# PVM, prepares the KVM test host (QEMU TCG + kvm_amd).
 # Idempotent: a second run installs nothing and rebuilds nothing that is unchanged.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -49,6 +51,9 @@ log "building the workspace (release)"
 cargo build --release --workspace --bins
 log "building the default guest (kernel + initrd; cached)"
 cargo xtask guest
+log "building the bundled busybox image and importing it into the image store"
+images/build-busybox.sh /usr/local/share/crx/images/busybox
+./target/release/crx image import /usr/local/share/crx/images/busybox
 log "preparing the test host if this host needs it"
 cargo xtask testhost --prepare
 log "done"

@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's developer tasks, one module each.
 
 mod bench;
-mod boot;
+mod crx;
 mod fuzz;
 mod guest;
 mod kvm_here;
@@ -28,7 +28,9 @@ enum Task {
     /// Run a command inside the KVM test host (QEMU TCG with SVM), in the same working directory.
     Testhost(testhost::TesthostArgs),
     /// Boot the default guest with `crx boot` (directly on KVM, or in the test host on PVM).
-    Boot(boot::BootArgs),
+    Boot(crx::CrxArgs),
+    /// Run a pod with `crx run` (default: a shell command in the bundled busybox image).
+    Run(crx::CrxArgs),
     /// Run the whole test suite.
     Test,
     /// Run the benchmarks (criterion; peers side by side).
@@ -41,7 +43,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Guest(args) => guest::run(args),
         Task::Testhost(args) => testhost::run(args),
-        Task::Boot(args) => boot::run(args),
+        Task::Boot(args) => crx::boot(args),
+        Task::Run(args) => crx::run(args),
         Task::Test => suite::run(),
         Task::Bench(args) => bench::run(args),
         Task::Fuzz(args) => fuzz::run(args),
