@@ -25,7 +25,7 @@ use crate::devices::pseudo::GuestStatus;
 use crate::vmm::{BootClock, ExitLatch, Vmm};
 use crate::vstate::vcpu::{install_kick_handler, Buses, Vcpu};
 use crate::vstate::{memory, vm::Vm};
-use crate::{CpuTemplate, Error};
+use crate::{CpuTemplate, Error, THREAD_STACK};
 
 /// The command line CRX boots with unless told otherwise: console on COM1 only, reset through
 /// the i8042, reboot at once on panic, no PCI or ACPI probing.
@@ -191,12 +191,18 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     // The guest image loads on a second thread while KVM is set up: reading the kernel is the
     // largest single cost of a launch.
     let (kvm_side, image) = std::thread::scope(|scope| {
-        let loader = scope.spawn(|| load_guest_image(&guest_memory, config, &cmdline));
+        let loader = std::thread::Builder::new()
+            .name("crx-loader".into())
+            .stack_size(THREAD_STACK)
+            .spawn_scoped(scope, || load_guest_image(&guest_memory, config, &cmdline));
         let kvm_side = create_vm(&guest_memory);
         step("VM created");
-        let image = loader
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let image = match loader {
+            Ok(loader) => loader
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(e) => Err(Error::LoaderThread(e)),
+        };
         (kvm_side, image)
     });
     let (vm, boot_vcpu) = kvm_side?;

@@ -22,6 +22,12 @@ pub use vmm::{BootTimes, VmExit, VmOutcome, Vmm};
 
 use std::path::PathBuf;
 
+/// The stack of every thread crx-core starts (vCPUs, the guest image loader): ample for what they
+/// run, and under 2 MiB so that transparent huge pages cannot make a whole 2 MiB of it resident at
+/// the first touch (Rust's default is exactly 2 MiB, which the kernel may back with one huge
+/// page; glibc then keeps a finished thread's stack cached, resident).
+pub(crate) const THREAD_STACK: usize = 512 << 10;
+
 /// Everything that can go wrong while building, running or tearing down a microVM.
 /// Each variant names the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,8 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
     VcpuThread(#[source] std::io::Error),
+    #[error("cannot start the guest image loader thread: {0}")]
+    LoaderThread(#[source] std::io::Error),
     #[error("virtio device: {0}")]
     Device(#[from] crx_virtio::DeviceError),
     #[error(transparent)]

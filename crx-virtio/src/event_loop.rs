@@ -12,6 +12,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{consume, VirtioDevice};
 use crate::mmio::lock;
 
+/// The loop thread's stack: ample for the devices' handlers, and under 2 MiB so transparent huge
+/// pages cannot make a whole 2 MiB of it resident at the first touch (as for the vCPU threads).
+const EVENT_LOOP_STACK: usize = 512 << 10;
+
 /// Why the event loop could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
@@ -76,6 +80,7 @@ impl EventLoop {
         }
         let thread = std::thread::Builder::new()
             .name("crx-devices".into())
+            .stack_size(EVENT_LOOP_STACK)
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {

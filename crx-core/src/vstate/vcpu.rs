@@ -13,7 +13,7 @@ use crate::arch::x86_64::boot::LoadedKernel;
 use crate::arch::x86_64::{cpuid, regs};
 use crate::devices::Bus;
 use crate::vmm::{BootClock, ExitLatch, VmExit};
-use crate::Error;
+use crate::{Error, THREAD_STACK};
 
 /// KVM_INTERNAL_ERROR_EMULATION: KVM met an instruction it cannot emulate.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -115,7 +115,7 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU's thread.
+    /// Starts the vCPU's thread, on a [`THREAD_STACK`] stack.
     pub fn start(
         self,
         buses: Arc<Buses>,
@@ -124,6 +124,7 @@ impl Vcpu {
     ) -> Result<std::thread::JoinHandle<()>, Error> {
         std::thread::Builder::new()
             .name(format!("crx-vcpu-{}", self.index))
+            .stack_size(THREAD_STACK)
             .spawn(move || self.run(&buses, &exit, &clock))
             .map_err(Error::VcpuThread)
     }
