@@ -12,10 +12,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryMmap;
 
-use crate::base::{DeviceBase, Wake};
-use crate::device::{
-    drain_queue, read_config_bytes, ActivateError, Activation, Malformed, Served, VirtioDevice,
-};
+use crate::base::{from_base, DeviceBase, Wake};
+use crate::device::{drain_queue, read_config_bytes, Malformed, Served, VirtioDevice};
 use crate::iovec::{ChainBuffers, Segments};
 
 const QUEUE_SIZE: u16 = 256;
@@ -316,12 +314,10 @@ fn transfer(
 }
 
 impl VirtioDevice for Block {
+    from_base!(queue_max_sizes, queue_events, activate, reset, init_events);
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.base.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -340,23 +336,6 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
-    }
-
-    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
-        self.base.queue_events()
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.base.activate(activation)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.base.active = None;
-        true
-    }
-
-    fn init_events(&mut self, ops: &mut EventOps) {
-        self.base.init_events(ops);
     }
 
     fn process_event(&mut self, events: Events, _ops: &mut EventOps) {

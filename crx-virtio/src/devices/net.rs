@@ -11,7 +11,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::base::{DeviceBase, Wake};
+use crate::base::{from_base, DeviceBase, Wake};
 use crate::device::{
     drain_queue, read_config_bytes, ActivateError, Activation, Malformed, Served, VirtioDevice,
 };
@@ -164,12 +164,10 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    from_base!(queue_max_sizes, queue_events, reset, init_events);
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.base.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -188,10 +186,6 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.mac, offset, data);
     }
 
-    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
-        self.base.queue_events()
-    }
-
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let acked = activation.acked_features;
         let mut offload = 0;
@@ -208,15 +202,6 @@ impl VirtioDevice for Net {
             .set_offload(offload)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.base.activate(activation)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.base.active = None;
-        true
-    }
-
-    fn init_events(&mut self, ops: &mut EventOps) {
-        self.base.init_events(ops);
     }
 
     fn process_event(&mut self, events: Events, ops: &mut EventOps) {
