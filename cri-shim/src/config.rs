@@ -1,38 +1,41 @@
 //! crx-cri's configuration: the TOML file (`/etc/crx/config.toml` unless `--config` names
-//! another), every key optional with the defaults below, command-line flags over it.
-//!
-//! ```toml
-//! listen = "unix:///run/crx/crx.sock"  # the CRI socket (0600, its directory 0700)
-//! state_dir = "/run/crx"               # sandboxes and other runtime state of this instance
-//! log_level = "info"                   # a tracing filter: "debug", "crx_cri=debug,info", …
-//!
-//! [runtime]
-//! handler = "crx"          # the RuntimeClass handler name this runtime answers to
-//! vmm = "/usr/local/bin/crx-vmm"   # default: crx-vmm beside crx-cri
-//! kernel = "/usr/local/share/crx/guest/vmlinux"   # default: crx-vmm's (the installed guest)
-//! initrd = "/usr/local/share/crx/guest/initrd.cpio"
-//! agent = "/bin/crx-agent" # the guest's init, a path inside the initrd
-//! vcpus = 1                # default pod VM size
-//! memory_mib = 128
-//! boot_timeout_secs = 60
-//!
-//! [network]
-//! cni_conf_dir = "/etc/cni/net.d"
-//! cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
-//!
-//! [image]
-//! root = "/var/lib/crx"    # the image store (shared with `crx`)
-//! insecure_registries = ["reg.internal:5000"]  # plain HTTP; loopback always is
-//! auth_file = "/etc/crx/auth.json"             # docker-style {"auths": {...}}
-//! [image.mirrors]          # fetch images named under a registry from another endpoint
-//! "registry.k8s.io" = "127.0.0.1:5000"
-//! ```
+//! another; [`EXAMPLE`] shows every key with its default), every key optional, command-line
+//! flags over it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+
+/// A configuration file with every key, its meaning and its default (also in `--help`).
+pub const EXAMPLE: &str = r#"Configuration file (TOML; every key optional, defaults shown):
+
+  listen = "unix:///run/crx/crx.sock"  # the CRI socket (made 0600, its directory 0700)
+  state_dir = "/run/crx"               # this instance's runtime state (sandboxes)
+  log_level = "info"                   # tracing filter: "debug", "crx_cri=debug,info", ...
+
+  [runtime]
+  handler = "crx"              # the RuntimeClass handler name this runtime answers to
+  # vmm = "/usr/local/bin/crx-vmm"                  # default: crx-vmm beside crx-cri
+  # kernel = "/usr/local/share/crx/guest/vmlinux"   # default: crx-vmm's (the installed guest)
+  # initrd = "/usr/local/share/crx/guest/initrd.cpio"
+  agent = "/bin/crx-agent"     # the pod VM's init, a path inside the initrd
+  vcpus = 1                    # default pod VM size
+  memory_mib = 128
+  boot_timeout_secs = 60       # how long a pod VM may take to boot and answer
+
+  [network]
+  cni_conf_dir = "/etc/cni/net.d"
+  cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+
+  [image]
+  root = "/var/lib/crx"        # the image store, shared with `crx`
+  insecure_registries = []     # plain-HTTP registries, "host" or "host:port"; loopback always is
+  # auth_file = "/etc/crx/auth.json"   # docker-style {"auths": {...}} for pulls without credentials
+  [image.mirrors]              # fetch images named under a registry from another endpoint
+  # "registry.k8s.io" = "127.0.0.1:5000"
+"#;
 
 /// Where the configuration file is read from unless `--config` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/crx/config.toml";
@@ -245,6 +248,12 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.socket(), PathBuf::from("/run/x.sock"));
+    }
+
+    #[test]
+    fn the_example_is_the_defaults() {
+        let toml = EXAMPLE.split_once("\n\n").unwrap().1;
+        assert_eq!(toml::from_str::<Config>(toml).unwrap(), Config::default());
     }
 
     #[test]

@@ -24,11 +24,10 @@ use crate::config::{Config, DEFAULT_CONFIG};
     version,
     about = "CRX's Kubernetes CRI server: every pod in its own microVM",
     long_about = "CRX's Kubernetes CRI v1 server (gRPC on a Unix socket). The ImageService works on \
-the crx-image store; the RuntimeService answers Version and Status (pods come next). \
-Settings come from the configuration file (TOML; keys listen, state_dir, log_level, \
-[runtime] handler/vmm/kernel/initrd/agent/vcpus/memory_mib/boot_timeout_secs, [network] \
-cni_conf_dir/cni_bin_dirs, [image] root/insecure_registries/auth_file/mirrors); flags override \
-it. Several instances run side by side with their own --listen and --state-dir."
+the crx-image store; the RuntimeService answers Version and Status (pods come next). Settings \
+come from the configuration file; flags override it. Several instances run side by side with \
+their own --listen and --state-dir.",
+    after_long_help = config::EXAMPLE
 )]
 struct Cli {
     /// Configuration file [default: /etc/crx/config.toml, if present].
