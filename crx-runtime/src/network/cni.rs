@@ -262,22 +262,25 @@ fn exec(
     let mut child = cmd.spawn().map_err(spawn_error)?;
     let mut input = child.stdin.take().expect("piped");
     let stdin = stdin.to_vec();
-    // Written from a thread: a plugin may print before it has read all of its input.
+    // Written from a thread: a plugin may print before it has read all of its input. A failed
+    // write (a plugin that exits early) shows in the plugin's own status and output.
     let writer = std::thread::spawn(move || input.write_all(&stdin));
     let output = child.wait_with_output().map_err(spawn_error)?;
-    let written = writer.join().unwrap_or(Ok(()));
+    let _ = writer.join();
     if output.status.success() {
-        written.map_err(spawn_error)?;
         return Ok(output.stdout);
     }
     let message = match serde_json::from_slice::<ErrorResult>(&output.stdout) {
         Ok(result) => SpecError::from(result).to_string(),
-        Err(_) => format!(
-            "{}: {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout).trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
+        Err(_) => [
+            output.status.to_string(),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ]
+        .into_iter()
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join("; "),
     };
     Err(CniError::Plugin {
         plugin: name.clone(),
@@ -389,6 +392,40 @@ mod tests {
         ))
         .unwrap();
         assert!(first.get("prevResult").is_none());
+    }
+
+    /// A real plugin (Debian's host-local) refusing its configuration: its error result comes
+    /// back as the error. It stops at the configuration, so nothing on the host changes.
+    #[test]
+    fn a_plugin_error_result_is_reported() {
+        let bin = Path::new("/usr/lib/cni");
+        assert!(
+            bin.join("host-local").exists(),
+            "/usr/lib/cni/host-local is missing (Debian package containernetworking-plugins)"
+        );
+        let list: NetConfList = serde_json::from_str(
+            r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"host-local"}]}"#,
+        )
+        .unwrap();
+        let at = Attachment {
+            container_id: "c",
+            netns: Path::new("/run/netns/none"),
+            ifname: "eth0",
+            args: &[("IgnoreUnknown".into(), "1".into())],
+            bin_dirs: &[bin.to_owned()],
+        };
+        let err = add(&list, &at).unwrap_err();
+        match &err {
+            CniError::Plugin {
+                plugin,
+                command: "ADD",
+                message,
+            } => {
+                assert_eq!(plugin, "host-local");
+                assert!(message.contains("ipam"), "{message}");
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]

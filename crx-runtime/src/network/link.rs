@@ -209,7 +209,8 @@ async fn routes(handle: &Handle, index: u32) -> Result<Vec<GuestRoute>, LinkErro
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
         RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ] {
-        let mut found: Vec<RouteMessage> = handle
+        let family = query.header.address_family;
+        let found: Vec<RouteMessage> = handle
             .route()
             .get(query)
             .execute()
@@ -219,7 +220,12 @@ async fn routes(handle: &Handle, index: u32) -> Result<Vec<GuestRoute>, LinkErro
                 what: "get routes",
                 source,
             })?;
-        all.append(&mut found);
+        // A kernel without the family dumps every family's routes instead.
+        all.extend(
+            found
+                .into_iter()
+                .filter(|r| r.header.address_family == family),
+        );
     }
     let mut routes: Vec<GuestRoute> = all
         .iter()
