@@ -1,6 +1,9 @@
-//! Test support shared by the crates whose tests need real registry traffic: a real Debian
-//! `docker-registry` on a free loopback port (own config, storage and log; htpasswd auth on
-//! request), pushes and raw manifest reads with `skopeo`. Dev-dependency only.
+//! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
+//! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
+//! by hand ([`layout`]), pushes with `skopeo`, and a throttling TCP proxy ([`proxy`]).
+
+pub mod layout;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -8,13 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Fail (never skip) when `tool` is missing from PATH; `package` is the Debian package.
-pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+/// Fail (never skip) when a tool the tests need is missing.
+pub fn require_tools() {
+    for tool in ["docker-registry", "skopeo", "umoci"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        assert!(found, "`{tool}` is not installed: run `apt-get install docker-registry skopeo umoci` (setup/apt-packages.txt lists them)");
+    }
     assert!(
-        found,
-        "`{tool}` is not installed: run `apt-get install {package}` (setup/apt-packages.txt lists it)"
+        Path::new("/bin/busybox").is_file(),
+        "/bin/busybox missing: apt-get install busybox-static"
     );
 }
 
@@ -34,10 +40,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Start a registry in `dir` (config, log; storage in `dir/data`, which may be filled
-    /// beforehand); with `user`, htpasswd auth is required.
+    /// Start a registry storing under `dir`; with `user`, htpasswd auth is required.
     pub fn start(dir: &Path, user: Option<(&str, &str)>) -> Registry {
-        require_tool("docker-registry", "docker-registry");
+        require_tools();
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let mut config = format!(
@@ -88,7 +93,8 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: in the KVM test host every instruction is emulated.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while http_status(&self.addr(), "/v2/").is_none() {
             assert!(
                 Instant::now() < deadline,
@@ -132,7 +138,6 @@ impl Registry {
 
     /// Push `oci:<layout>:<tag>` as `<repo>:<tag>` (all platforms) with skopeo.
     pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<(&str, &str)>) {
-        require_tool("skopeo", "skopeo");
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
         if let Some((u, p)) = creds {
@@ -157,7 +162,6 @@ impl Drop for Registry {
 
 /// Raw manifest of `repo` at `reference` (tag or digest), as the registry serves it.
 pub fn manifest_raw(reg: &Registry, repo: &str, reference: &str) -> Vec<u8> {
-    require_tool("skopeo", "skopeo");
     let sep = if reference.starts_with("sha256:") {
         "@"
     } else {
@@ -186,16 +190,17 @@ pub fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
 }
 
-/// Files below `dir` (recursively), relative paths.
+/// Everything below `dir` (recursively) that is not a directory, as paths under `dir`; symlinks
+/// are listed, never followed.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
             } else {
-                out.push(p);
+                out.push(e.path());
             }
         }
     }
