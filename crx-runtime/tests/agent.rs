@@ -5,6 +5,7 @@
 //! for what must not hurt the agent.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,8 @@ fn build_rootfs(root: &Path) {
     ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
+    // World-writable and sticky, as in every image: the non-root user's test writes there.
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
     let list = std::process::Command::new(busybox)
         .arg("--list")
