@@ -15,7 +15,7 @@ pub fn run() -> anyhow::Result<()> {
     crate::cargo(&["bench", "--workspace", "--no-run"])?;
 
     let mut child = Command::new(crate::cargo_bin())
-        .args(["test", "--workspace", "--", "--nocapture"])
+        .args(["test", "--workspace", "--no-fail-fast", "--", "--nocapture"])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting cargo test")?;
