@@ -102,15 +102,9 @@ impl Env {
             })
             .unwrap_or_default();
         assert!(leases.is_empty(), "leases left: {leases:?}");
-        let marker = self.scratch.display().to_string();
-        let procs: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&marker) && (c.contains("crx-vmm") || c.contains("virtiofsd")))
-            .collect();
+        let procs: Vec<String> = self.processes().into_iter().map(|(_, c)| c).collect();
         assert!(procs.is_empty(), "processes left: {procs:?}");
+        let marker = self.scratch.display().to_string();
         let sockets: Vec<_> = files_under(&self.run_root())
             .into_iter()
             .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()))
@@ -127,8 +121,33 @@ impl Env {
     }
 }
 
+impl Env {
+    /// The VMM and virtiofsd processes of this test's pods: pid and command line.
+    fn processes(&self) -> Vec<(i32, String)> {
+        let marker = self.scratch.display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+            })
+            .filter(|(_, c)| {
+                c.contains(&marker) && (c.contains("crx-vmm") || c.contains("virtiofsd"))
+            })
+            .collect()
+    }
+}
+
 impl Drop for Env {
+    /// A failed test may leave its pods running: they are killed, so they do not slow the tests
+    /// after it.
     fn drop(&mut self) {
+        for (pid, _) in self.processes() {
+            // SAFETY: kill(2) takes no pointers; the pid is one of this test's own VMMs.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -246,9 +265,13 @@ fn crx_run_detached_then_exec_ps_stop_rm() {
 }
 
 /// Counts and hashes what is read from `stream` until its end, keeping none of it.
-fn drain_hashing(mut stream: impl Read) -> (u64, [u8; 32]) {
+/// Reads `stream` to its end: its length, its sha256 and its last 4 KiB (where crx's own error
+/// message would be).
+fn drain_hashing(mut stream: impl Read) -> (u64, [u8; 32], String) {
+    const TAIL: usize = 4096;
     let mut hasher = Sha256::new();
     let mut len = 0u64;
+    let mut tail = Vec::with_capacity(2 * TAIL);
     let mut buf = vec![0u8; 256 << 10];
     loop {
         match stream.read(&mut buf) {
@@ -256,12 +279,20 @@ fn drain_hashing(mut stream: impl Read) -> (u64, [u8; 32]) {
             Ok(n) => {
                 hasher.update(&buf[..n]);
                 len += n as u64;
+                tail.extend_from_slice(&buf[n.saturating_sub(TAIL)..n]);
+                if tail.len() > TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("reading crx's output: {e}"),
         }
     }
-    (len, hasher.finalize().into())
+    (
+        len,
+        hasher.finalize().into(),
+        String::from_utf8_lossy(&tail).into_owned(),
+    )
 }
 
 /// The sha256 of `line` repeated, cut to `len` bytes (what `yes LINE | head -c LEN` writes).
@@ -315,15 +346,19 @@ fn crx_run_streams_100_mb_of_stdout_and_of_stderr_at_once_complete_and_apart() {
     let stderr = child.stderr.take().unwrap();
     let out = std::thread::spawn(move || drain_hashing(stdout));
     let err = std::thread::spawn(move || drain_hashing(stderr));
-    let (out_len, out_digest) = out.join().unwrap();
-    let (err_len, err_digest) = err.join().unwrap();
+    let (out_len, out_digest, _) = out.join().unwrap();
+    let (err_len, err_digest, err_tail) = err.join().unwrap();
     let status = child.wait().unwrap();
     println!("crx-vm-boot: crx run (100 MB on stdout and on stderr)");
     println!(
         "crx run: {out_len} bytes of stdout and {err_len} of stderr in {:?} (boot included)",
         started.elapsed()
     );
-    assert_eq!(status.code(), Some(0), "crx run: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "crx run: {status:?}; the end of its stderr:\n{err_tail}"
+    );
     assert_eq!((out_len, err_len), (LEN, LEN));
     assert!(
         out_digest == repeated_digest(OUT_LINE, LEN),
