@@ -114,7 +114,7 @@ impl Vmm {
 }
 
 /// The workspace root (benches/..).
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("benches/ has a parent")
@@ -173,22 +173,28 @@ fn require(path: PathBuf, what: &'static str) -> Result<PathBuf, BenchError> {
     }
 }
 
+/// A release binary of this workspace (`crx`, `crx-vmm`), as `cargo xtask bench` builds them.
+pub fn release_binary(name: &str) -> Result<PathBuf, BenchError> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    require(
+        target.join("release").join(name),
+        "build it with `cargo build --release -p crx -p crx-vmm`",
+    )
+}
+
 impl Bench {
-    /// Finds the release `crx`, the peers and the default guest; fails naming what is missing.
+    /// Finds the release `crx-vmm`, the peers and the default guest; fails naming what is
+    /// missing.
     pub fn locate() -> Result<Bench, BenchError> {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
         let peers = std::env::var_os("CRX_PEERS_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("../shared/peers"));
         let guest = default_guest_dir();
         Ok(Bench {
             // The per-VM process itself, as an orchestrator starts it (`crx boot` execs it).
-            crx: require(
-                target.join("release/crx-vmm"),
-                "build it with `cargo build --release -p crx-vmm`",
-            )?,
+            crx: release_binary("crx-vmm")?,
             peers: require(peers, "the peer VMMs live in ../shared/peers")?,
             kernel: require(guest.join("vmlinux"), "run `cargo xtask guest`")?,
             initrd: require(guest.join("initrd.cpio"), "run `cargo xtask guest`")?,
