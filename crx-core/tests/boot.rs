@@ -39,6 +39,7 @@ fn boots_with_2_vcpus_and_512_mib_and_the_guest_sees_them() {
     config.vcpus = 2;
     config.mem_mib = 512;
     let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+                  echo deadline=$(grep -c tsc_deadline_timer /proc/cpuinfo); \
                   echo memkb=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo)";
     let outcome = boot(
         "2 vCPUs",
@@ -47,6 +48,12 @@ fn boots_with_2_vcpus_and_512_mib_and_the_guest_sees_them() {
     expect_exit(&outcome, VmExit::Exited(0));
     assert!(
         outcome.console_tail.contains("cpus=2"),
+        "{}",
+        outcome.console_tail
+    );
+    // Each vCPU's LAPIC offers the TSC-deadline mode (no timer calibration at boot).
+    assert!(
+        outcome.console_tail.contains("deadline=2"),
         "{}",
         outcome.console_tail
     );

@@ -7,7 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch::x86_64::KVM_TSS_ADDRESS;
+use crate::arch::x86_64::{cpuid, KVM_TSS_ADDRESS};
 use crate::Error;
 
 /// Capabilities CRX cannot run without.
@@ -39,9 +39,12 @@ impl Vm {
                 return Err(Error::KvmCapability(name));
             }
         }
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            cpuid::add_tsc_deadline_timer(&mut supported_cpuid);
+        }
         let fd = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
         Ok(Vm {
             fd,
@@ -92,7 +95,7 @@ impl Vm {
         &self.fd
     }
 
-    /// What KVM_GET_SUPPORTED_CPUID returned.
+    /// What KVM_GET_SUPPORTED_CPUID returned, with what KVM emulates but leaves out of it.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
     }
