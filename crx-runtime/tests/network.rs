@@ -258,14 +258,7 @@ fn cni_setup_joins_a_tap_to_the_veth_and_teardown_undoes_everything() {
 /// A store with the bundled busybox image (images/build-busybox.sh) imported.
 fn busybox_store(scratch: &Path) -> (Store, crx_image::ImageRecord) {
     let layout = scratch.join("busybox");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
-    let built = Command::new(&script).arg(&layout).output().unwrap();
-    assert!(
-        built.status.success(),
-        "{}: {}",
-        script.display(),
-        text(&built)
-    );
+    crx_test_support::build_busybox_layout(&layout);
     let store = Store::open(scratch.join("store"), RegistryConfig::default()).unwrap();
     let mut images = store.import(&layout, None).unwrap();
     assert_eq!(images.len(), 1);

@@ -45,15 +45,7 @@ impl Env {
     /// A scratch store and run root, and the bundled busybox image as an OCI layout.
     fn new(test: &str) -> Env {
         let env = Env::empty(test);
-        let layout = env.scratch.join("busybox");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
-        let built = Command::new(&script).arg(&layout).output().unwrap();
-        assert!(
-            built.status.success(),
-            "{}: {}",
-            script.display(),
-            String::from_utf8_lossy(&built.stderr)
-        );
+        crx_test_support::build_busybox_layout(&env.scratch.join("busybox"));
         env
     }
 

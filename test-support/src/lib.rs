@@ -1,6 +1,7 @@
 //! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
 //! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
-//! by hand ([`layout`]), pushes with `skopeo`, and a throttling TCP proxy ([`proxy`]).
+//! by hand ([`layout`]), the bundled busybox image built as an OCI layout, pushes with
+//! `skopeo`, and a throttling TCP proxy ([`proxy`]).
 
 pub mod layout;
 pub mod proxy;
@@ -21,6 +22,22 @@ pub fn require_tools() {
     assert!(
         Path::new("/bin/busybox").is_file(),
         "/bin/busybox missing: apt-get install busybox-static"
+    );
+}
+
+/// Builds the bundled busybox image (`images/build-busybox.sh`, as setup.sh does) as an OCI
+/// layout at `dest`; panics with the script's stderr if it fails.
+pub fn build_busybox_layout(dest: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
+    let built = Command::new(&script)
+        .arg(dest)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        built.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&built.stderr)
     );
 }
 
