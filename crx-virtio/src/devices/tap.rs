@@ -151,36 +151,31 @@ impl Tap {
     /// Reads one frame (header first) into `iovecs`.
     pub fn readv(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
         // SAFETY: the caller's iovecs point at writable memory of their stated lengths.
-        let n = unsafe {
+        byte_count(unsafe {
             libc::readv(
                 self.file.as_raw_fd(),
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
             )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        })
     }
 
     /// Writes one frame (header first) from `iovecs`.
     pub fn writev(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
         // SAFETY: the caller's iovecs point at readable memory of their stated lengths.
-        let n = unsafe {
+        byte_count(unsafe {
             libc::writev(
                 self.file.as_raw_fd(),
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
             )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        })
     }
+}
+
+/// A readv/writev return value: the byte count, or the error errno names.
+fn byte_count(n: isize) -> std::io::Result<usize> {
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 impl From<Tap> for OwnedFd {
