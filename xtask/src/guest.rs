@@ -1,7 +1,9 @@
 //! `cargo xtask guest`: builds (or takes from the cache) the guest kernel and the default initrd
 //! with `guest-kernel/build.sh` and `guest-kernel/build-initrd.sh`, then installs `vmlinux`,
 //! `bzImage` and `initrd.cpio` into the guest directory (`--dest`, else `$CRX_GUEST_DIR`, else
-//! `/usr/local/share/crx/guest`), where `crx boot` finds its default guest.
+//! `/usr/local/share/crx/guest`), where `crx boot` finds its default guest. When that changes
+//! what is installed, this workspace's test host is stopped: its L1 caches the host's files
+//! (9p, cache=loose) and would go on booting the old guest.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -36,9 +38,14 @@ pub fn run(args: GuestArgs) -> Result<()> {
         .dest
         .unwrap_or_else(crx_core::builder::default_guest_dir);
     std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut changed = false;
     for src in &artifacts {
-        let installed = install(src, &dest)?;
+        let (installed, replaced) = install(src, &dest)?;
+        changed |= replaced;
         println!("{}", installed.display());
+    }
+    if changed && crx_testhost::TestHost::stop().context("stopping the test host")? {
+        eprintln!("xtask guest: stopped the test host, so VM tests boot the new guest");
     }
     Ok(())
 }
@@ -80,17 +87,25 @@ fn run_script(script: &Path) -> Result<PathBuf> {
 }
 
 /// Copies `src` into `dest_dir` under the same name, atomically (temp file + rename), so a
-/// running `crx boot` never sees a half-written kernel.
-fn install(src: &Path, dest_dir: &Path) -> Result<PathBuf> {
+/// running `crx boot` never sees a half-written kernel. Returns the installed path and whether
+/// it changed (an identical file is left alone).
+fn install(src: &Path, dest_dir: &Path) -> Result<(PathBuf, bool)> {
     let name = src.file_name().context("artifact without a file name")?;
     let dest = dest_dir.join(name);
+    let new = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    if std::fs::read(&dest).is_ok_and(|old| old == new) {
+        return Ok((dest, false));
+    }
     let tmp = dest_dir.join(format!(
         ".{}.tmp.{}",
         name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::copy(src, &tmp)
-        .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
+    let mode = std::fs::metadata(src)
+        .with_context(|| format!("reading {}", src.display()))?
+        .permissions();
+    std::fs::set_permissions(&tmp, mode).with_context(|| format!("chmod {}", tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;
-    Ok(dest)
+    Ok((dest, true))
 }
