@@ -103,7 +103,7 @@ impl ExitLatch {
     }
 
     /// Blocks until an ending is recorded or `timeout` passes; true if one is recorded.
-    fn wait(&self, timeout: Option<Duration>) -> bool {
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         while slot.is_none() {
@@ -212,6 +212,12 @@ impl Vmm {
     /// Asks the VM to stop; [`Vmm::wait`] then returns `StoppedByHost` unless the guest ended first.
     pub fn stop(&self) {
         self.exit.request(VmExit::StoppedByHost);
+    }
+
+    /// How the VM ends, shared: a watcher on another thread learns at once when anything (a
+    /// vCPU, a device, the guest) ended it, without waiting for [`Vmm::wait`].
+    pub fn exit_latch(&self) -> Arc<ExitLatch> {
+        Arc::clone(&self.exit)
     }
 
     /// The guest's RAM (for devices and snapshots).

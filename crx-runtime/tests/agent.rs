@@ -7,6 +7,8 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crx_agent_proto::{
@@ -30,6 +32,8 @@ const WAIT: Duration = Duration::from_secs(300);
 /// A booted pod VM with the agent as PID 1, its vsock socket and rootfs share.
 struct Pod {
     vmm: Option<Vmm>,
+    /// Set when the test ends the VM itself (shutdown, drop).
+    ending: Arc<AtomicBool>,
     test: &'static str,
     config: VmConfig,
     sockets: PathBuf,
@@ -77,7 +81,10 @@ impl Pod {
             DeviceConfig::Fs(fs),
         ];
         let vmm = start_vm(&config).unwrap_or_else(|e| panic!("{test}: cannot start the VM: {e}"));
+        let ending = Arc::new(AtomicBool::new(false));
+        watch_for_an_early_end(test, &vmm, &config, Arc::clone(&ending));
         Pod {
+            ending,
             vmm: Some(vmm),
             test,
             config,
@@ -103,6 +110,7 @@ impl Pod {
 
     /// Shuts the VM down through the agent and checks it powered off cleanly.
     fn shut_down(mut self, client: &mut AgentClient) {
+        self.ending.store(true, Ordering::SeqCst);
         client.shutdown().expect("shutdown");
         let outcome = self.vmm.take().unwrap().wait_timeout(WAIT);
         println!(
@@ -128,8 +136,38 @@ impl Pod {
     }
 }
 
+/// A VM that ends while the test still talks to it would leave the test blocked on its sockets
+/// for good (the in-process VMM keeps them open): a watcher says how it ended, with the console's
+/// tail, and ends the test process.
+fn watch_for_an_early_end(
+    test: &'static str,
+    vmm: &Vmm,
+    config: &VmConfig,
+    ending: Arc<AtomicBool>,
+) {
+    let latch = vmm.exit_latch();
+    let ConsoleOutput::File(console) = config.console.clone() else {
+        unreachable!("the pod's console goes to a file")
+    };
+    std::thread::spawn(move || {
+        latch.wait(None);
+        if ending.load(Ordering::SeqCst) {
+            return;
+        }
+        let log = std::fs::read(&console).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(8192)..]);
+        eprintln!(
+            "{test}: the VM ended while the test was using it: {}\nconsole tail ({}):\n{tail}",
+            latch.get().map_or_else(|| "?".into(), |e| e.to_string()),
+            console.display()
+        );
+        std::process::exit(101);
+    });
+}
+
 impl Drop for Pod {
     fn drop(&mut self) {
+        self.ending.store(true, Ordering::SeqCst);
         if let Some(vmm) = self.vmm.take() {
             let outcome = vmm.wait_timeout(Duration::ZERO);
             eprintln!(

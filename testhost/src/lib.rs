@@ -15,7 +15,9 @@
 //!   `CRX_TESTHOST_IDLE_SECS` (600) without a request. A hung L1 is dumped, killed, restarted and
 //!   the command retried once.
 //! - **VM tests** call [`vm_test_here!`] (or [`run_vm_test_here`]) first: on standard KVM the body
-//!   runs here, otherwise the same test runs in the test host.
+//!   runs here, otherwise the same test runs in the test host, alone in its process, ended as
+//!   hung after `CRX_VM_TEST_TIMEOUT_SECS` (1500). Each command runs in its own cgroup, and what
+//!   it leaves running is killed (and named in its stderr) when it ends.
 //!
 //! Settings come from the environment: see [`settings`].
 //!

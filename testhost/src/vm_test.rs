@@ -34,6 +34,10 @@ pub fn guests_run_here() -> Result<bool, Error> {
 pub fn run_vm_test_here(test_name: &str) -> bool {
     let in_testhost = std::env::var_os(IN_TESTHOST).is_some_and(|v| v == "1");
     match guests_run_here() {
+        Ok(true) if in_testhost => {
+            end_the_test_after_its_time_limit(test_name);
+            return true;
+        }
         Ok(true) => return true,
         Ok(false) if in_testhost => {
             panic!("VM test {test_name}: inside the test host, yet its /dev/kvm is PVM, not standard KVM")
@@ -72,6 +76,28 @@ pub fn run_vm_test_here(test_name: &str) -> bool {
         );
     }
     false
+}
+
+/// How long one VM test may take in the test host before it is ended as hung
+/// (`CRX_VM_TEST_TIMEOUT_SECS`, default 1500): a hang then fails that test, with its name,
+/// rather than the whole run's time budget.
+const TEST_TIME_LIMIT_SECS: u64 = 1500;
+
+/// In the test host each VM test runs alone in its own process (see [`run_vm_test_here`]), so a
+/// watchdog thread can end that process when the limit passes.
+fn end_the_test_after_its_time_limit(test_name: &str) {
+    let limit = std::env::var("CRX_VM_TEST_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TEST_TIME_LIMIT_SECS);
+    let test_name = test_name.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(limit));
+        eprintln!(
+            "VM test {test_name} still running after {limit} s (CRX_VM_TEST_TIMEOUT_SECS): ended as hung"
+        );
+        std::process::exit(101);
+    });
 }
 
 /// The libtest name of the test function around a `vm_test_here!()` marker function, from the
