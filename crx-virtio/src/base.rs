@@ -80,6 +80,11 @@ impl DeviceBase {
         self.activate_event.write(1).map_err(ActivateError::Wake)
     }
 
+    /// The queues of an active device.
+    pub fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
     /// Registers the queue events and the activate event.
     pub fn init_events(&self, ops: &mut EventOps) {
         for event in self.queue_events.iter().chain([&self.activate_event]) {

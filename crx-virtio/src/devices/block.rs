@@ -17,6 +17,7 @@ use crate::device::{
     drain_queue, read_config_bytes, ActivateError, Activation, Malformed, Served, VirtioDevice,
 };
 use crate::iovec::{ChainBuffers, Segments};
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
@@ -28,7 +29,7 @@ const ID_BYTES: usize = 20;
 const MAX_DISCARD_SEGMENTS: u32 = 32;
 
 /// How to attach an image file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -353,6 +354,35 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         self.base.active = None;
         true
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.base.active_queues()
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Block {
+            capacity_sectors: self.capacity_sectors,
+        })
+    }
+
+    /// The image reopened must be as large as the one saved (the guest has its size, and its
+    /// page cache may hold its blocks).
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Block { capacity_sectors }
+                if *capacity_sectors == self.capacity_sectors =>
+            {
+                Ok(())
+            }
+            DeviceState::Block { capacity_sectors } => Err(PersistError::Mismatch(format!(
+                "the disk image has {} sectors, the snapshot's had {capacity_sectors}",
+                self.capacity_sectors
+            ))),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for a block device"
+            ))),
+        }
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {

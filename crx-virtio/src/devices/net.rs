@@ -17,13 +17,14 @@ use crate::device::{
 };
 use crate::devices::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use crate::iovec::ChainBuffers;
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
 /// Where the device's tap comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TapSource {
     /// A tap interface by name (created if missing).
     Name(String),
@@ -32,7 +33,7 @@ pub enum TapSource {
 }
 
 /// How to attach a network interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: TapSource,
     pub mac: [u8; 6],
@@ -213,6 +214,25 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         self.base.active = None;
         true
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.base.active_queues()
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Net)
+    }
+
+    /// The tap is the one this device was built with (possibly another than the snapshot's); the
+    /// guest keeps the MAC address it read at probe time, whatever the configuration says now.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Net => Ok(()),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for a net device"
+            ))),
+        }
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {

@@ -6,6 +6,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use crate::base::{DeviceBase, Wake};
 use crate::device::{drain_queue, ActivateError, Activation, Malformed, Served, VirtioDevice};
 use crate::iovec::ChainBuffers;
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 /// The most entropy one request gets; the driver asks again for more.
@@ -79,6 +80,23 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) -> bool {
         self.base.active = None;
         true
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.base.active_queues()
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Rng)
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for an rng device"
+            ))),
+        }
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {
