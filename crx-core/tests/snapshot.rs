@@ -5,13 +5,16 @@
 //! copy of the disk and its own vsock CID and socket, and each runs on: the secret computed
 //! before the snapshot is still in its memory, its clock reads the time of the restore, and its
 //! disk, rng and vsock devices work. Damaged, foreign and mismatched snapshots are refused with
-//! the error that names the problem, and a VM with virtio-fs cannot be snapshotted.
+//! the error that names the problem, and a VM with virtio-fs cannot be snapshotted. A guest with
+//! a network interface, restored in another network namespace through the tap given to the
+//! restore, answers there.
 //!
 //! Every boot and every restore prints one `crx-vm-boot:` line.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,11 +23,13 @@ use crx_core::snapshot::{format, read_state_file, SnapshotError, CRX_VERSION, ST
 use crx_core::{
     restore_vm, start_vm, CpuTemplate, Error, MemoryBacking, RestoreConfig, VmExit, VmOutcome, Vmm,
 };
-use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, VsockConfig};
+use crx_virtio::devices::tap::Tap;
+use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
 
 mod common;
 use common::{
-    connect_to_guest, console_value, default_guest, expect_exit, Scratch, BOOT_TIMEOUT, HOST_WAIT,
+    connect_to_guest, console_value, default_guest, expect_exit, Netns, Scratch, BOOT_TIMEOUT,
+    HOST_WAIT,
 };
 
 /// The guest's vsock echo server port.
@@ -418,4 +423,108 @@ fn damaged_foreign_and_mismatched_snapshots_are_refused_and_virtio_fs_is_not_sav
         "crx-vm-boot: snapshot refusals, virtio-fs guest: 1 vCPU, 128 MiB: {}",
         outcome.exit
     );
+}
+
+const HOST_IP: &str = "10.201.0.1";
+const GUEST_IP: &str = "10.201.0.2";
+/// The host side of both namespaces' taps: the same gateway address, as the guest learned it.
+const HOST_TAP_MAC: &str = "02:c7:00:00:aa:01";
+
+/// A tap in `ns` with the host's address, up; its fd for the VMM.
+fn host_tap(ns: &Netns) -> OwnedFd {
+    let tap: OwnedFd = ns
+        .run(|| Tap::open("crxtap0").expect("tap in the namespace").into())
+        .join()
+        .unwrap();
+    for args in [
+        &["ip", "link", "set", "crxtap0", "address", HOST_TAP_MAC][..],
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            "crxtap0",
+        ],
+        &["ip", "link", "set", "crxtap0", "up"],
+    ] {
+        assert!(ns.exec(args), "{args:?} in {}", ns.0);
+    }
+    tap
+}
+
+#[test]
+fn a_guest_restored_with_another_tap_talks_through_it() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    logs();
+    let scratch = Scratch::new("snapshot-net");
+    let first = Netns::create("snap-net-a");
+    let second = Netns::create("snap-net-b");
+    let mac = [0x02, 0xc7, 0x00, 0x00, 0x00, 0x07];
+    let net = |tap: &OwnedFd| {
+        vec![DeviceConfig::Net(NetConfig {
+            tap: TapSource::Fd(tap.as_raw_fd()),
+            mac,
+        })]
+    };
+    let tap = host_tap(&first);
+    let mut config = default_guest();
+    config.devices = net(&tap);
+    let script = format!(
+        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || exit 1; \
+         ping -c 1 -W 10 {HOST_IP} >/dev/null && echo ping-before=ok; \
+         echo waiting-for-host; \
+         nc -l -p 5001 > /tmp/in; \
+         echo got=$(cat /tmp/in); \
+         ping -c 2 -W 10 {HOST_IP} >/dev/null && echo ping-after=ok; \
+         echo mac=$(cat /sys/class/net/eth0/address)"
+    );
+    let vmm = start_vm(&config.with_init_args(&["/bin/sh", "-c", &script])).expect("boot");
+    let before = wait_for_console(&vmm, "waiting-for-host");
+    assert!(before.contains("ping-before=ok"), "{before}");
+    vmm.pause().expect("pause");
+    let snap = scratch.0.join("snap");
+    vmm.snapshot(&snap).expect("snapshot");
+    let outcome = vmm.wait_timeout(Duration::ZERO);
+    println!(
+        "crx-vm-boot: snapshot net, saved guest: 1 vCPU, 128 MiB: {}",
+        outcome.exit
+    );
+    drop(tap);
+
+    let tap = host_tap(&second);
+    let mut restore = RestoreConfig::new(&snap);
+    restore.devices = Some(net(&tap));
+    let vmm = restore_vm(&restore).expect("restore");
+    let sent = second.run(|| {
+        let deadline = Instant::now() + HOST_WAIT;
+        let mut stream = loop {
+            match TcpStream::connect((GUEST_IP, 5001)) {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() > deadline => panic!("the guest never answered: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        stream.write_all(b"from-the-second-namespace").unwrap();
+    });
+    let outcome = vmm.wait_timeout(BOOT_TIMEOUT);
+    println!(
+        "crx-vm-boot: snapshot net, restored guest: 1 vCPU, 128 MiB: {}",
+        outcome.exit
+    );
+    sent.join().expect("the second namespace reached the guest");
+    expect_exit(&outcome, VmExit::Exited(0));
+    assert_eq!(
+        console_value(&outcome, "got"),
+        Some("from-the-second-namespace")
+    );
+    assert_eq!(
+        console_value(&outcome, "ping-after"),
+        Some("ok"),
+        "{}",
+        outcome.console_tail
+    );
+    assert_eq!(console_value(&outcome, "mac"), Some("02:c7:00:00:00:07"));
 }

@@ -1,11 +1,14 @@
 //! What the VM tests share: the default guest, one boot with its `crx-vm-boot:` line (counted by
 //! `cargo xtask test`), exit assertions that show the console on failure, and the host side of
-//! vsock (a directory that can hold the device's sockets, connecting to a guest port).
+//! vsock (a directory that can hold the device's sockets, connecting to a guest port) and of
+//! virtio-net (a network namespace to hold a tap).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crx_core::builder::default_guest_dir;
@@ -139,4 +142,53 @@ pub fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, u32) {
         assert!(line.is_empty(), "unexpected handshake reply {line:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A network namespace, deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn create(test: &str) -> Netns {
+        let name = format!("crx-{test}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        ip(&["netns", "add", &name]);
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on this thread only, with an fd that stays open for the call.
+            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    pub fn exec(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("iproute2's ip");
+    assert!(status.success(), "ip {args:?} failed");
 }
