@@ -3,9 +3,8 @@
 //! [`Vmm::pause`], [`Vmm::resume`] and [`Vmm::snapshot`] (see [`crate::snapshot`]).
 
 use std::fmt;
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -16,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::devices::legacy::{ConsoleTail, SerialConsole};
 use crate::snapshot::{
-    format, memory, CpuIdentity, MachineState, MicrovmState, SavedDevice, SavedDeviceConfig,
+    self, format, memory, CpuIdentity, MachineState, MicrovmState, SavedDevice, SavedDeviceConfig,
     SnapshotError, SnapshotFiles, MEMORY_FILE, STATE_FILE,
 };
 use crate::vstate::vcpu::VcpuHandle;
@@ -365,7 +364,7 @@ impl Vmm {
             devices,
         };
         let state_path = dir.join(STATE_FILE);
-        write_atomically(&state_path, &format::encode(&self.cpu, &state)?)?;
+        snapshot::write_state_file(&state_path, &format::encode(&self.cpu, &state)?)?;
         tracing::debug!(
             "snapshot in {}: {memory_bytes_written} bytes of guest RAM",
             dir.display()
@@ -405,33 +404,6 @@ impl Vmm {
         if let Some(mut device_loop) = self.device_loop.take() {
             device_loop.stop();
         }
-    }
-}
-
-/// Writes `bytes` to `path` (0600) through a temporary file renamed over it once synced.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let io = |source| SnapshotError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    let temporary = std::path::PathBuf::from(name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&temporary, path).map_err(io)
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.stop_vcpus();
     }
 }
 

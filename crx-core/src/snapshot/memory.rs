@@ -3,8 +3,11 @@
 //!
 //! Writing skips what the guest never touched (holes of the memfd, found with SEEK_DATA/SEEK_HOLE,
 //! are never read, so they are not faulted in either) and every all-zero 4 KiB page; both stay
-//! holes in the file. Restoring either maps the file privately ([`MemoryBacking::Private`]) or
-//! copies its data into a fresh memfd ([`MemoryBacking::Memfd`]).
+//! holes in the file. RAM that is itself a privately mapped memory file (a restored VM) is read
+//! whole, pages never touched included. The file is written under a temporary name and renamed
+//! into place, so VMs still mapping an older file of that name keep theirs intact. Restoring
+//! either maps the file privately ([`MemoryBacking::Private`]) or copies its data into a fresh
+//! memfd ([`MemoryBacking::Memfd`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -101,17 +104,18 @@ fn saved_ranges(mem: &GuestMemoryMmap, memfd: bool) -> std::io::Result<Vec<(u64,
     Ok(ranges)
 }
 
-/// Writes guest RAM to `path` (created 0600, replaced if present) as a sparse file. `memfd` says
-/// the RAM is CRX's own memfd, whose holes need no reading. The vCPUs and devices must be
-/// paused. Returns the bytes written (the rest of the file is holes).
+/// Writes guest RAM to `path` (0600; a file there is replaced, not overwritten) as a sparse
+/// file. `memfd` says the RAM is CRX's own memfd, whose holes need no reading. The vCPUs and
+/// devices must be paused. Returns the bytes written (the rest of the file is holes).
 pub fn write(mem: &GuestMemoryMmap, memfd: bool, path: &Path) -> Result<u64, SnapshotError> {
     let err = io_err(path);
+    let temporary = super::temporary_name(path);
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
+        .open(&temporary)
         .map_err(&err)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total).map_err(&err)?;
@@ -135,6 +139,7 @@ pub fn write(mem: &GuestMemoryMmap, memfd: bool, path: &Path) -> Result<u64, Sna
         }
     }
     file.sync_all().map_err(&err)?;
+    std::fs::rename(&temporary, path).map_err(&err)?;
     Ok(written)
 }
 
@@ -251,6 +256,16 @@ mod tests {
             0xfeed,
             "a private mapping never writes the file"
         );
+        // A snapshot of a restored VM, into the file its RAM maps: the VM keeps its pages.
+        again.write_obj(0xbeef_u64, GuestAddress(0x2000)).unwrap();
+        write(&again, false, &path).unwrap();
+        assert_eq!(
+            again.read_obj::<u8>(GuestAddress((9 << 20) + 100)).unwrap(),
+            7
+        );
+        let third = restore(&path, size, MemoryBacking::Private).unwrap();
+        assert_eq!(third.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0xbeef);
+        assert_eq!(third.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
         assert!(matches!(
             restore(&path, size * 2, MemoryBacking::Private),
             Err(crate::Error::Snapshot(SnapshotError::MemoryFileSize { .. }))

@@ -47,7 +47,10 @@
 pub mod format;
 pub mod memory;
 
-use std::path::PathBuf;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use crx_virtio::{BlockConfig, DeviceConfig, DeviceSnapshot, NetConfig, PersistError, VsockConfig};
 use serde::{Deserialize, Serialize};
@@ -218,10 +221,34 @@ pub(crate) fn short_hex(digest: &[u8; 32]) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `path` with `.tmp` appended: where a snapshot file is written before it is renamed into place.
+pub(crate) fn temporary_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+/// Writes a state file (0600) under a temporary name and renames it into place once synced.
+pub(crate) fn write_state_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let temporary = temporary_name(path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)
+}
+
 /// Reads and checks a state file (see [`format::decode`]).
-pub fn read_state_file(
-    path: &std::path::Path,
-) -> Result<(CpuIdentity, MicrovmState), SnapshotError> {
+pub fn read_state_file(path: &Path) -> Result<(CpuIdentity, MicrovmState), SnapshotError> {
     let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
