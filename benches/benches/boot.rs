@@ -1,5 +1,6 @@
 //! Boot latency and VMM memory, CRX against Firecracker and Cloud Hypervisor, in one run on the
 //! same KVM (inside the test host where this host's /dev/kvm is PVM; ratios are what count there).
+//! The VMMs boot in interleaved rounds (`CRX_BENCH_ROUNDS`, default 11).
 //!
 //! `cargo bench -p crx-benches --bench boot` (needs `cargo build --release -p crx -p crx-vmm` and
 //! `cargo xtask guest` first; `cargo xtask bench` does both).
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
-use crx_benches::{median_p99, Bench, Vmm};
+use crx_benches::{bench_recorded, interleaved, median_p99, Bench, Vmm};
 
 fn main() {
     if !crx_benches::run_bench_here() {
@@ -21,37 +22,30 @@ fn main() {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1));
 
-    let mut init: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let vmms = Vmm::selected();
     let mut first_instruction = Vec::new();
     let mut failures = Vec::new();
-    let vmms = Vmm::selected();
-    {
-        let mut group = criterion.benchmark_group("launch_to_guest_init");
-        group.sampling_mode(SamplingMode::Flat);
-        for &vmm in &vmms {
-            // A peer that cannot boot this guest is reported, and fails the run at the end.
-            if let Err(e) = bench.boot_once(vmm) {
-                eprintln!("boot bench: {} cannot boot the guest: {e}", vmm.name());
-                failures.push(vmm.name());
-                continue;
-            }
-            group.bench_function(vmm.name(), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let sample = bench
-                            .boot_once(vmm)
-                            .unwrap_or_else(|e| panic!("boot bench: {e}"));
-                        total += sample.guest_init;
-                        init.entry(vmm.name()).or_default().push(sample.guest_init);
-                        first_instruction.extend(sample.first_instruction);
-                    }
-                    total
-                })
-            });
-        }
-        group.finish();
+    // Each VMM boots the guest once per round, the VMMs interleaved, as separate processes.
+    let measured = interleaved(&vmms, crx_benches::rounds(11), |vmm| {
+        let sample = bench.boot_once(vmm).map_err(|e| e.to_string())?;
+        first_instruction.extend(sample.first_instruction);
+        Ok(sample.guest_init)
+    });
+    for (vmm, e) in &measured.failed {
+        eprintln!("boot bench: {} cannot boot the guest: {e}", vmm.name());
+        failures.push(vmm.name());
     }
+    let mut group = criterion.benchmark_group("launch_to_guest_init");
+    group.sampling_mode(SamplingMode::Flat);
+    for (vmm, samples) in &measured.samples {
+        bench_recorded(&mut group, vmm.name(), samples);
+    }
+    group.finish();
+    let init: BTreeMap<&str, &Vec<Duration>> = measured
+        .samples
+        .iter()
+        .map(|(vmm, samples)| (vmm.name(), samples))
+        .collect();
 
     println!("\nboot bench summary (launch → guest init, as each VMM reports it)");
     let reference = init.get("firecracker").map(|s| median_p99(s).0);

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput};
-use crx_benches::{median_p99, Bench, Devices, Vmm};
+use crx_benches::{bench_recorded, interleaved, median_p99, Bench, Devices, Vmm};
 
 const BLOCK_MIB: usize = 16;
 const NET_MIB: usize = 8;
@@ -197,44 +197,24 @@ fn main() {
         .into_iter()
         .filter(|v| *v != Vmm::CloudHypervisor)
         .collect();
-    let rounds: usize = std::env::var("CRX_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(10);
+    let rounds = crx_benches::rounds(10);
     let mut results: BTreeMap<(&str, &str), Vec<Duration>> = BTreeMap::new();
     let mut failures = Vec::new();
     for workload in &workloads {
-        let run = |vmm: Vmm| {
-            let console = bench
-                .run_workload(vmm, &workload.devices, &workload.script)
-                .map_err(|e| e.to_string())?;
-            guest_elapsed(&console).ok_or_else(|| format!("no timing in the console:\n{console}"))
-        };
-        let mut running: Vec<Vmm> = vmms
+        let supported: Vec<Vmm> = vmms
             .iter()
             .copied()
             .filter(|v| workload.devices.supported_by(*v))
             .collect();
-        // Rounds interleave the VMMs (in alternating order), so a change in the host's load
-        // falls on all of them alike; a VMM that fails once is dropped from the workload.
-        for round in 0..rounds {
-            let mut order = running.clone();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for vmm in order {
-                match run(vmm) {
-                    Ok(elapsed) => results
-                        .entry((workload.name, vmm.name()))
-                        .or_default()
-                        .push(elapsed),
-                    Err(e) => {
-                        eprintln!("devices bench: {} {}: {e}", vmm.name(), workload.name);
-                        failures.push((vmm.name(), workload.name));
-                        running.retain(|v| *v != vmm);
-                    }
-                }
-            }
+        let measured = interleaved(&supported, rounds, |vmm| {
+            let console = bench
+                .run_workload(vmm, &workload.devices, &workload.script)
+                .map_err(|e| e.to_string())?;
+            guest_elapsed(&console).ok_or_else(|| format!("no timing in the console:\n{console}"))
+        });
+        for (vmm, e) in measured.failed {
+            eprintln!("devices bench: {} {}: {e}", vmm.name(), workload.name);
+            failures.push((vmm.name(), workload.name));
         }
         // Criterion analyses the recorded samples (each one a VM's guest-timed transfer).
         let mut group = criterion.benchmark_group(workload.name);
@@ -242,12 +222,9 @@ fn main() {
         if workload.mib > 0 {
             group.throughput(Throughput::Bytes((workload.mib << 20) as u64));
         }
-        for vmm in &running {
-            let samples = &results[&(workload.name, vmm.name())];
-            let mut next = samples.iter().cycle();
-            group.bench_function(vmm.name(), |b| {
-                b.iter_custom(|iters| (0..iters).map(|_| *next.next().expect("samples")).sum())
-            });
+        for (vmm, samples) in measured.samples {
+            bench_recorded(&mut group, vmm.name(), &samples);
+            results.insert((workload.name, vmm.name()), samples);
         }
         group.finish();
     }

@@ -3,6 +3,7 @@
 //! VMM's own boot-time report, and measures VMM memory overhead the way Firecracker's memory
 //! test counts it.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,7 +71,7 @@ pub enum BenchError {
 }
 
 /// A VMM under test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Vmm {
     Crx,
     Firecracker,
@@ -115,7 +116,7 @@ impl Vmm {
 }
 
 /// The workspace root (benches/..).
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("benches/ has a parent")
@@ -183,22 +184,28 @@ fn require(path: PathBuf, what: &'static str) -> Result<PathBuf, BenchError> {
     }
 }
 
+/// A release binary of this workspace (`crx`, `crx-vmm`), as `cargo xtask bench` builds them.
+pub fn release_binary(name: &str) -> Result<PathBuf, BenchError> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    require(
+        target.join("release").join(name),
+        "build it with `cargo build --release -p crx -p crx-vmm`",
+    )
+}
+
 impl Bench {
-    /// Finds the release `crx`, the peers and the default guest; fails naming what is missing.
+    /// Finds the release `crx-vmm`, the peers and the default guest; fails naming what is
+    /// missing.
     pub fn locate() -> Result<Bench, BenchError> {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
         let peers = std::env::var_os("CRX_PEERS_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("../shared/peers"));
         let guest = default_guest_dir();
         Ok(Bench {
             // The per-VM process itself, as an orchestrator starts it (`crx boot` execs it).
-            crx: require(
-                target.join("release/crx-vmm"),
-                "build it with `cargo build --release -p crx-vmm`",
-            )?,
+            crx: release_binary("crx-vmm")?,
             peers: require(peers, "the peer VMMs live in ../shared/peers")?,
             kernel: require(guest.join("vmlinux"), "run `cargo xtask guest`")?,
             initrd: require(guest.join("initrd.cpio"), "run `cargo xtask guest`")?,
@@ -506,6 +513,65 @@ fn smaps_overhead_kib(pid: u32, guest_ram_kib: u64) -> Result<u64, BenchError> {
 
 fn parse_kib(field: &str) -> Option<u64> {
     field.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The rounds a bench runs: `CRX_BENCH_ROUNDS`, else `default`.
+pub fn rounds(default: usize) -> usize {
+    std::env::var("CRX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What [`interleaved`] measured: each subject's samples, and the subjects that failed (why).
+pub struct Measured<K> {
+    pub samples: BTreeMap<K, Vec<Duration>>,
+    pub failed: Vec<(K, String)>,
+}
+
+/// Measures every subject once per round, the subjects interleaved in alternating order, so a
+/// change in the host's load falls on all of them alike. A subject that fails once is dropped.
+pub fn interleaved<K: Copy + Ord>(
+    subjects: &[K],
+    rounds: usize,
+    mut measure: impl FnMut(K) -> Result<Duration, String>,
+) -> Measured<K> {
+    let mut running = subjects.to_vec();
+    let mut measured = Measured {
+        samples: BTreeMap::new(),
+        failed: Vec::new(),
+    };
+    for round in 0..rounds {
+        let mut order = running.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for subject in order {
+            match measure(subject) {
+                Ok(sample) => measured.samples.entry(subject).or_default().push(sample),
+                Err(e) => {
+                    measured.failed.push((subject, e));
+                    running.retain(|s| *s != subject);
+                }
+            }
+        }
+    }
+    for (subject, _) in &measured.failed {
+        measured.samples.remove(subject);
+    }
+    measured
+}
+
+/// Hands recorded samples to criterion for its analysis, as one benchmark of `group`.
+pub fn bench_recorded(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    samples: &[Duration],
+) {
+    let mut next = samples.iter().cycle();
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| *next.next().expect("samples")).sum())
+    });
 }
 
 /// Median and 99th percentile of `samples`.

@@ -62,7 +62,7 @@
 //! message StatsRequest { repeated string container_ids = 1; }
 //! message ContainerStats { string container_id = 1; uint64 cpu_usage_usec = 2; uint64 memory_usage_bytes = 3;
 //!   uint64 memory_limit_bytes = 4 /* 0 = no limit */; uint64 pids_current = 5; }
-//! message StatsReply { repeated ContainerStats containers = 1; }
+//! message StatsReply { repeated ContainerStats containers = 1; uint64 agent_rss_bytes = 2; }
 //! message ContainerInfo { string container_id = 1; ContainerState state = 2; uint32 pid = 3; }
 //! enum ContainerState { CREATED = 0; RUNNING = 1; STOPPED = 2; }
 //! message ListReply { repeated ContainerInfo containers = 1; }

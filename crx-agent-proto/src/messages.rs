@@ -249,6 +249,9 @@ pub struct ContainerStats {
 pub struct StatsReply {
     #[prost(message, repeated, tag = "1")]
     pub containers: Vec<ContainerStats>,
+    /// The agent's own resident memory (VmRSS), bytes: the pod VM's fixed overhead in the guest.
+    #[prost(uint64, tag = "2")]
+    pub agent_rss_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Enumeration)]

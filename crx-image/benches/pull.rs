@@ -2,8 +2,7 @@
 //! child process, so its peak RSS is its own) against `skopeo copy` + `umoci unpack` of the
 //! same image, in the same run. Prints both medians, the ratio and crx's peak RSS.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use crx_test_support as support;
 
 use std::path::Path;
 use std::process::Command;

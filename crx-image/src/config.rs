@@ -39,6 +39,8 @@ pub struct RegistryConfig {
     pub auth_file: Option<PathBuf>,
     /// Credentials by registry host (`host:port` as in the reference); win over `auth_file`.
     pub credentials: BTreeMap<String, Credential>,
+    /// Bearer registry tokens by registry host; win over `credentials` and `auth_file`.
+    pub tokens: BTreeMap<String, String>,
 }
 
 impl Default for RegistryConfig {
@@ -48,6 +50,7 @@ impl Default for RegistryConfig {
             mirrors: BTreeMap::new(),
             auth_file: None,
             credentials: BTreeMap::new(),
+            tokens: BTreeMap::new(),
         }
     }
 }
@@ -98,8 +101,12 @@ impl RegistryConfig {
             .unwrap_or(registry)
     }
 
-    /// Credentials for `registry`: explicit entries first, then the auth file.
+    /// Credentials for `registry`: explicit tokens, then explicit credentials, then the auth
+    /// file.
     pub fn auth_for(&self, registry: &str) -> Result<RegistryAuth, Error> {
+        if let Some(t) = self.tokens.get(registry) {
+            return Ok(RegistryAuth::Bearer(t.clone()));
+        }
         if let Some(c) = self.credentials.get(registry) {
             return Ok(RegistryAuth::Basic(c.username.clone(), c.password.clone()));
         }

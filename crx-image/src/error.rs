@@ -17,6 +17,13 @@ pub enum Error {
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
+    #[error("{reference} not found at {registry}: {source}")]
+    NotInRegistry {
+        registry: String,
+        reference: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
     #[error("pulling {reference} from {registry}: {source}")]
     Registry {
         registry: String,

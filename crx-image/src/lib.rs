@@ -32,6 +32,9 @@ pub use config::{Credential, RegistryConfig, DEFAULT_ROOT};
 pub use digest::Digest;
 pub use error::Error;
 pub use index::{ImageRecord, LayerRecord, Lease};
+/// An image reference (`registry/repository[:tag][@digest]`), as [`parse_reference`] makes it.
+pub use oci_client::Reference;
 pub use progress::{LogProgress, Progress};
+pub use registry::parse_reference;
 pub use store::{GcReport, RunConfig, Store};
 pub use usage::FsUsage;

@@ -23,7 +23,7 @@ const ACCEPTED: &[&str] = &[
 ];
 
 /// Parse a user-supplied reference into its canonical form (`docker.io/library/x:latest`).
-pub(crate) fn parse_reference(reference: &str) -> Result<Reference, Error> {
+pub fn parse_reference(reference: &str) -> Result<Reference, Error> {
     reference
         .parse::<Reference>()
         .map_err(|e| Error::InvalidReference {
@@ -107,8 +107,27 @@ impl Remote {
                 .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
             _ => false,
         };
+        let missing = match &source {
+            OciDistributionError::ImageManifestNotFoundError(_) => true,
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+                    )
+                })
+            }
+            OciDistributionError::ServerError { code, .. } => *code == 404,
+            _ => false,
+        };
         if denied {
             Error::Unauthorized {
+                registry,
+                reference,
+                source,
+            }
+        } else if missing {
+            Error::NotInRegistry {
                 registry,
                 reference,
                 source,

@@ -318,14 +318,17 @@ impl Store {
         Err(Error::ImageNotFound(name_or_digest.to_owned()))
     }
 
+    /// The image config document of `image` (JSON), as stored (verified when it was stored).
+    pub fn image_config(&self, image: &ImageRecord) -> Result<Vec<u8>, Error> {
+        self.blobs.read(&image.config)
+    }
+
     /// How `image` wants to be run: entrypoint, command, environment, working directory, user.
     pub fn run_config(&self, image: &ImageRecord) -> Result<RunConfig, Error> {
         let doc: RunConfigDoc =
-            serde_json::from_slice(&self.blobs.read(&image.config)?).map_err(|e| {
-                Error::Malformed {
-                    what: format!("image config {}", image.config),
-                    reason: e.to_string(),
-                }
+            serde_json::from_slice(&self.image_config(image)?).map_err(|e| Error::Malformed {
+                what: format!("image config {}", image.config),
+                reason: e.to_string(),
             })?;
         let c = doc.config.unwrap_or_default();
         Ok(RunConfig {

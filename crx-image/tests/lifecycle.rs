@@ -2,7 +2,7 @@
 //! across tasks and processes fetch each blob once; rmi is refused while leased; GC frees
 //! exactly the unused layers; skopeo-written OCI archives and layouts import.
 
-mod support;
+use crx_test_support as support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The image service against a real Debian `docker-registry` started per test on a free
 //! loopback port, with images built here from busybox and pushed with skopeo.
 
-mod support;
+use crx_test_support as support;
 
 use std::path::Path;
 use std::process::Command;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use crx_agent_proto::{
     read_frame, request::Kind, response, stdio_input, stdio_output, write_frame, ConfigureReply,
-    ConfigureSandbox, ContainerInfo, ContainerRef, ContainerStats, CreateContainer, Empty,
-    ErrorCode, ExecProcess, ExitStatus, FrameError, Hello, HelloReply, ProcessRef, Request,
-    ResizeTerminal, Response, Rootfs, SignalProcess, StatsRequest, StdioInput, StdioOutput,
-    PROTOCOL_VERSION, REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
+    ConfigureSandbox, ContainerInfo, ContainerRef, CreateContainer, Empty, ErrorCode, ExecProcess,
+    ExitStatus, FrameError, Hello, HelloReply, ProcessRef, Request, ResizeTerminal, Response,
+    Rootfs, SignalProcess, StatsReply, StatsRequest, StdioInput, StdioOutput, PROTOCOL_VERSION,
+    REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
 };
 use oci_spec::runtime::Spec;
 
@@ -246,13 +246,13 @@ impl AgentClient {
         }))
     }
 
-    /// Resource usage of the given containers (none given: all).
-    pub fn stats(&mut self, ids: &[&str]) -> Result<Vec<ContainerStats>, AgentError> {
+    /// Resource usage of the given containers (none given: all), and the agent's own memory.
+    pub fn stats(&mut self, ids: &[&str]) -> Result<StatsReply, AgentError> {
         let request = StatsRequest {
             container_ids: ids.iter().map(|s| s.to_string()).collect(),
         };
         match self.call(Kind::Stats(request))? {
-            response::Result::Stats(reply) => Ok(reply.containers),
+            response::Result::Stats(reply) => Ok(reply),
             other => Err(unexpected(other)),
         }
     }

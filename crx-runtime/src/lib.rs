@@ -2,10 +2,12 @@
 //!
 //! - [`agent`]: the client of the guest agent (requests on vsock port 1024, stdio on 1025).
 //! - [`sandbox`]: one `crx-vmm` process per pod VM, its state directory, start/stop/remove.
+//! - [`network`]: pod networking: network namespace, CNI, the tap joined to the CNI interface.
 //! - [`spec`]: a container's OCI runtime spec from the image's run config and overrides.
 //! - [`pod`]: a one-container pod: image lease, rootfs share, sandbox, container.
 
 pub mod agent;
+pub mod network;
 pub mod pod;
 pub mod sandbox;
 pub mod spec;

@@ -106,6 +106,7 @@ pub fn create_pod(
                 (IMAGE_LABEL.to_owned(), image.name.clone()),
                 (COMMAND_LABEL.to_owned(), command),
             ]),
+            network: None,
         };
         let started = sandbox.insert(Sandbox::start(run_root, &config)?);
         let mut agent = started.agent(Instant::now() + request.boot_timeout)?;

@@ -6,11 +6,14 @@
 //! `vsock` (the hybrid-vsock socket; guest ports are reached with `CONNECT <port>`),
 //! `console.log` (the guest console), `vmm.log` (the VMM's own output) and virtiofsd's
 //! vhost-user sockets. A sandbox owns nothing on the host outside that directory and its
-//! processes: the VMM, and virtiofsd children that die with it (`PR_SET_PDEATHSIG`).
+//! processes (the VMM, and virtiofsd children that die with it, `PR_SET_PDEATHSIG`), except
+//! its pod network when it has one: a network namespace and what CNI made for it, recorded in
+//! the state and torn down on removal (see [`crate::network`]).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crx_agent_proto::{ConfigureSandbox, Dns, Interface};
+
 use crate::agent::{AgentClient, AgentError};
+use crate::network::{self, NetworkConfig, NetworkError, NetworkState};
 
 /// Where sandboxes live unless configured otherwise.
 pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
@@ -56,6 +62,14 @@ pub enum SandboxError {
     VmmExited { id: String, log: String },
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("sandbox {id}: {source}")]
+    Network {
+        id: String,
+        #[source]
+        source: NetworkError,
+    },
+    #[error("the guest of sandbox {id} could not apply: {skipped}")]
+    Configure { id: String, skipped: String },
 }
 
 impl SandboxError {
@@ -90,6 +104,17 @@ pub struct SandboxConfig {
     pub vmm: PathBuf,
     /// Free-form facts kept with the sandbox (the image it runs, the command, …).
     pub labels: BTreeMap<String, String>,
+    /// A pod network (CNI) for the VM's one network interface; `None`: no network device.
+    pub network: Option<NetworkConfig>,
+}
+
+/// What the guest as a whole gets besides its network (see [`Sandbox::configure`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GuestSettings {
+    pub hostname: String,
+    /// `None`: the pod network's DNS, if CNI gave any.
+    pub dns: Option<Dns>,
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// What is persisted about a sandbox (`state.json`).
@@ -105,6 +130,8 @@ pub struct SandboxState {
     pub mem_mib: u32,
     pub shares: Vec<Share>,
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkState>,
 }
 
 /// One sandbox: its directory, its state and, in the process that started it, the VMM child.
@@ -152,16 +179,41 @@ impl Sandbox {
             }
             Err(e) => return Err(SandboxError::io("cannot create", &dir)(e)),
         }
-        match Self::spawn(&dir, config) {
+        let network_error = |source| SandboxError::Network {
+            id: config.id.clone(),
+            source,
+        };
+        let network = match &config.network {
+            Some(net) => match network::setup(net, &config.id) {
+                Ok(attached) => Some(attached),
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(network_error(e));
+                }
+            },
+            None => None,
+        };
+        let network_state = network.as_ref().map(|(state, _)| state.clone());
+        match Self::spawn(&dir, config, network) {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
+                if let Some(state) = network_state {
+                    if let Err(undo) = network::teardown(&state) {
+                        tracing::warn!(id = %config.id, "{}", network_error(undo));
+                    }
+                }
                 let _ = fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
     }
 
-    fn spawn(dir: &Path, config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+    /// Starts the VMM; with a network, it inherits the tap's descriptor.
+    fn spawn(
+        dir: &Path,
+        config: &SandboxConfig,
+        network: Option<(NetworkState, OwnedFd)>,
+    ) -> Result<Sandbox, SandboxError> {
         let log_path = dir.join("vmm.log");
         let log =
             fs::File::create(&log_path).map_err(SandboxError::io("cannot create", &log_path))?;
@@ -191,6 +243,22 @@ impl Sandbox {
             cmd.arg("--fs")
                 .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
         }
+        let (network, tap) = network.unzip();
+        if let (Some(state), Some(tap)) = (&network, &tap) {
+            let fd = tap.as_raw_fd();
+            cmd.arg("--net")
+                .arg(format!("fd={fd},mac={}", state.guest.mac));
+            // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and
+            // only clears close-on-exec on the tap's descriptor in the child's own table.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -199,6 +267,7 @@ impl Sandbox {
             path: config.vmm.clone(),
             source,
         })?;
+        drop(tap);
         let pid = child.id();
         let state = SandboxState {
             id: config.id.clone(),
@@ -211,6 +280,7 @@ impl Sandbox {
             mem_mib: config.mem_mib,
             shares: config.shares.clone(),
             labels: config.labels.clone(),
+            network,
         };
         let mut sandbox = Sandbox {
             dir: dir.to_owned(),
@@ -354,6 +424,37 @@ impl Sandbox {
         )
     }
 
+    /// Configures the guest through its agent: `settings`, the loopback interface up and, with
+    /// a pod network, the interface's MAC, MTU, addresses and routes and the network's DNS
+    /// (unless `settings` has its own). Anything the guest could not apply is an error.
+    pub fn configure(
+        &self,
+        agent: &mut AgentClient,
+        settings: &GuestSettings,
+    ) -> Result<(), SandboxError> {
+        let mut request = ConfigureSandbox {
+            hostname: settings.hostname.clone(),
+            dns: settings.dns.clone(),
+            interfaces: vec![Interface {
+                name: "lo".into(),
+                ..Interface::default()
+            }],
+            routes: Vec::new(),
+            sysctls: settings.sysctls.clone(),
+        };
+        if let Some(network) = &self.state.network {
+            network.apply_to(&mut request);
+        }
+        let reply = agent.configure_sandbox(request)?;
+        if !reply.skipped.is_empty() {
+            return Err(SandboxError::Configure {
+                id: self.state.id.clone(),
+                skipped: reply.skipped.join("; "),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the VMM to exit; true when it has.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -397,9 +498,16 @@ impl Sandbox {
     }
 
     /// Stops the VM (killing it after `grace`) and removes everything the sandbox had on the
-    /// host.
+    /// host: its pod network first (when that fails the state stays, so removal can be
+    /// retried), then its directory.
     pub fn remove(mut self, grace: Duration) -> Result<(), SandboxError> {
         self.stop(grace);
+        if let Some(state) = &self.state.network {
+            network::teardown(state).map_err(|source| SandboxError::Network {
+                id: self.state.id.clone(),
+                source,
+            })?;
+        }
         fs::remove_dir_all(&self.dir).map_err(SandboxError::io("cannot remove", &self.dir))?;
         tracing::info!(id = %self.state.id, "sandbox removed");
         Ok(())
@@ -465,6 +573,7 @@ mod tests {
             shares: Vec::new(),
             vmm: root.path().join("no-such-vmm"),
             labels: BTreeMap::new(),
+            network: None,
         };
         let err = Sandbox::start(root.path(), &config).unwrap_err();
         assert!(matches!(err, SandboxError::Spawn { .. }), "{err}");

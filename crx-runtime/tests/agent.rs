@@ -5,6 +5,7 @@
 //! for what must not hurt the agent.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,8 @@ fn build_rootfs(root: &Path) {
     ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
+    // World-writable and sticky, as in every image: the non-root user's test writes there.
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
     let list = std::process::Command::new(busybox)
         .arg("--list")
@@ -477,9 +480,11 @@ fn agent_runs_containers() {
     assert_eq!(a_info.state(), ContainerState::Running);
     let stats = client.stats(&["a"]).unwrap();
     assert!(
-        stats[0].memory_usage_bytes > 0 && stats[0].pids_current >= 1,
+        stats.containers[0].memory_usage_bytes > 0 && stats.containers[0].pids_current >= 1,
         "{stats:?}"
     );
+    assert!(stats.agent_rss_bytes > 0, "{stats:?}");
+    println!("agent RSS: {} KiB", stats.agent_rss_bytes >> 10);
     client.signal_process("a", "", 9).unwrap();
     assert_eq!(
         client.wait_process("a", "").unwrap().status,
@@ -646,7 +651,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         .unwrap();
     client.start_container("bomb").unwrap();
     std::thread::sleep(Duration::from_secs(5));
-    let stats = client.stats(&["bomb"]).unwrap();
+    let stats = client.stats(&["bomb"]).unwrap().containers;
     assert!(stats[0].pids_current <= 64, "{stats:?}");
     println!("fork bomb: {} pids", stats[0].pids_current);
     let mut second = pod.client(); // new connections still get served

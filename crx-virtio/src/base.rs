@@ -108,3 +108,47 @@ impl DeviceBase {
         Some(Wake::Other(fd))
     }
 }
+
+/// Implements the named [`VirtioDevice`](crate::device::VirtioDevice) methods for a device whose
+/// `base: DeviceBase` field does all of their work: any of `queue_max_sizes`, `queue_events`,
+/// `activate`, `reset` (drops the active queues), `active_queues` and `init_events`.
+macro_rules! from_base {
+    ($($method:ident),+ $(,)?) => {
+        $($crate::base::from_base!(@ $method);)+
+    };
+    (@ queue_max_sizes) => {
+        fn queue_max_sizes(&self) -> &[u16] {
+            self.base.queue_max_sizes()
+        }
+    };
+    (@ queue_events) => {
+        fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+            self.base.queue_events()
+        }
+    };
+    (@ activate) => {
+        fn activate(
+            &mut self,
+            activation: $crate::device::Activation,
+        ) -> Result<(), $crate::device::ActivateError> {
+            self.base.activate(activation)
+        }
+    };
+    (@ reset) => {
+        fn reset(&mut self) -> bool {
+            self.base.active = None;
+            true
+        }
+    };
+    (@ active_queues) => {
+        fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+            self.base.active_queues()
+        }
+    };
+    (@ init_events) => {
+        fn init_events(&mut self, ops: &mut event_manager::EventOps) {
+            self.base.init_events(ops);
+        }
+    };
+}
+pub(crate) use from_base;

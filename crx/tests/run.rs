@@ -1,25 +1,51 @@
 //! `crx run` end to end, as an operator types it: the bundled busybox image (built by
-//! images/build-busybox.sh into a scratch OCI layout), imported into a scratch store, run in
-//! its own microVM (crx-vmm, the agent as PID 1, the rootfs over virtio-fs from a real
-//! virtiofsd). Checks exit codes and signals, separate stdout/stderr, stdin, env/cwd/user/hostname, a
-//! detached container with exec/ps/stop/rm, and that nothing is left on the host afterwards:
-//! no sandbox directory, no VMM or virtiofsd process, no image lease.
+//! images/build-busybox.sh into a scratch OCI layout), imported into a scratch store (or pushed
+//! to a real Debian `docker-registry` and pulled), run in its own microVM (crx-vmm, the agent as
+//! PID 1, the rootfs over virtio-fs from a real virtiofsd). Checks exit codes and signals,
+//! separate stdout/stderr (also 100 MB of each at once), stdin, env/cwd/user/hostname, a
+//! detached container with exec/ps/stop/rm, a pod whose VMM is killed, images whose layers try
+//! to escape the store, and that nothing is left on the host afterwards: no sandbox directory,
+//! socket or mount, no VMM or virtiofsd process, no image lease.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crx_runtime::sandbox::Sandbox;
+use crx_test_support::files_under;
+use crx_test_support::layout::{Comp, Layer, Layout};
+use sha2::{Digest, Sha256};
+
+/// How long the test host may take for what is awaited here (it emulates the CPU); a hang
+/// still fails.
+const WAIT: Duration = Duration::from_secs(300);
 
 struct Env {
     scratch: PathBuf,
 }
 
 impl Env {
-    fn new(test: &str) -> Env {
+    /// A scratch store and run root, without an image.
+    fn empty(test: &str) -> Env {
+        let vmm = Path::new(env!("CARGO_BIN_EXE_crx")).with_file_name("crx-vmm");
+        assert!(
+            vmm.is_file(),
+            "{} is missing: `cargo build -p crx-vmm` (crx runs the crx-vmm beside it)",
+            vmm.display()
+        );
         // Sockets live in the run root: under /run, not the test host's 9p /tmp.
         let scratch = PathBuf::from(format!("/run/crx-run-test-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).unwrap();
-        let layout = scratch.join("busybox");
+        Env { scratch }
+    }
+
+    /// A scratch store and run root, and the bundled busybox image as an OCI layout.
+    fn new(test: &str) -> Env {
+        let env = Env::empty(test);
+        let layout = env.scratch.join("busybox");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
         let built = Command::new(&script).arg(&layout).output().unwrap();
         assert!(
@@ -28,7 +54,7 @@ impl Env {
             script.display(),
             String::from_utf8_lossy(&built.stderr)
         );
-        Env { scratch }
+        env
     }
 
     fn crx(&self, args: &[&str]) -> Command {
@@ -55,7 +81,12 @@ impl Env {
         self.scratch.join("busybox").display().to_string()
     }
 
-    /// Nothing of any container is left: sandboxes, leases, VMM and virtiofsd processes.
+    fn run_root(&self) -> PathBuf {
+        self.scratch.join("run")
+    }
+
+    /// Nothing of any container is left: sandboxes, sockets and mounts under the run root,
+    /// leases, VMM and virtiofsd processes.
     fn assert_clean(&self) {
         let sandboxes = self.scratch.join("run/sandboxes");
         let left: Vec<_> = std::fs::read_dir(&sandboxes)
@@ -71,20 +102,52 @@ impl Env {
             })
             .unwrap_or_default();
         assert!(leases.is_empty(), "leases left: {leases:?}");
+        let procs: Vec<String> = self.processes().into_iter().map(|(_, c)| c).collect();
+        assert!(procs.is_empty(), "processes left: {procs:?}");
         let marker = self.scratch.display().to_string();
-        let procs: Vec<String> = std::fs::read_dir("/proc")
+        let sockets: Vec<_> = files_under(&self.run_root())
+            .into_iter()
+            .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()))
+            .collect();
+        assert!(sockets.is_empty(), "sockets left: {sockets:?}");
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&marker))
+            .map(str::to_owned)
+            .collect();
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    }
+}
+
+impl Env {
+    /// The VMM and virtiofsd processes of this test's pods: pid and command line.
+    fn processes(&self) -> Vec<(i32, String)> {
+        let marker = self.scratch.display().to_string();
+        std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&marker) && (c.contains("crx-vmm") || c.contains("virtiofsd")))
-            .collect();
-        assert!(procs.is_empty(), "processes left: {procs:?}");
+            .filter_map(|e| {
+                let pid = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+            })
+            .filter(|(_, c)| {
+                c.contains(&marker) && (c.contains("crx-vmm") || c.contains("virtiofsd"))
+            })
+            .collect()
     }
 }
 
 impl Drop for Env {
+    /// A failed test may leave its pods running: they are killed, so they do not slow the tests
+    /// after it.
     fn drop(&mut self) {
+        for (pid, _) in self.processes() {
+            // SAFETY: kill(2) takes no pointers; the pid is one of this test's own VMMs.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -199,4 +262,345 @@ fn crx_run_detached_then_exec_ps_stop_rm() {
     env.assert_clean();
     let unknown = env.output(&["rm", "bg1"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sandbox bg1"));
+}
+
+/// Reads `stream` to its end, keeping none of it but its last 4 KiB (where crx's own error
+/// message would be): its length, sha256 (hex) and that tail.
+fn drain_hashing(mut stream: impl Read) -> (u64, String, String) {
+    const TAIL: usize = 4096;
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    let mut tail = Vec::with_capacity(2 * TAIL);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                len += n as u64;
+                tail.extend_from_slice(&buf[n.saturating_sub(TAIL)..n]);
+                if tail.len() > TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading crx's output: {e}"),
+        }
+    }
+    (
+        len,
+        format!("{:x}", hasher.finalize()),
+        String::from_utf8_lossy(&tail).into_owned(),
+    )
+}
+
+#[test]
+fn crx_run_streams_100_mb_of_stdout_and_of_stderr_at_once_complete_and_apart() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    const LEN: u64 = 100_000_000;
+    // Different line lengths, so bytes of one stream in the other break both digests.
+    const OUT_LINE: &str = "stdout 0123456789";
+    const ERR_LINE: &str = "STDERR abcdefghijklmnopqrstuvwxyz";
+    // `yes 'LINE' | head -c 100000000 | sha256sum`, taken once on the host: hashing 200 MB
+    // more in the emulated test host would cost minutes.
+    const OUT_SHA256: &str = "4e6fdf7b11926534c12a452125b6f7a99aed4ce4455e76300e8ff0857a3a45c4";
+    const ERR_SHA256: &str = "000e3a6c5b42c30ddf9d34d41c652840965eb9089503fd49285883a9162bd2da";
+    let env = Env::new("big");
+    let script =
+        format!("yes '{OUT_LINE}' | head -c {LEN} & yes '{ERR_LINE}' | head -c {LEN} >&2; wait");
+    let started = Instant::now();
+    let mut child = env
+        .crx(&[
+            "run",
+            "--name",
+            "big1",
+            &env.layout(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || drain_hashing(stdout));
+    let err = std::thread::spawn(move || drain_hashing(stderr));
+    let (out_len, out_digest, _) = out.join().unwrap();
+    let (err_len, err_digest, err_tail) = err.join().unwrap();
+    let status = child.wait().unwrap();
+    println!("crx-vm-boot: crx run (100 MB on stdout and on stderr)");
+    println!(
+        "crx run: {out_len} bytes of stdout and {err_len} of stderr in {:?} (boot included)",
+        started.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "crx run: {status:?}; the end of its stderr:\n{err_tail}"
+    );
+    assert_eq!((out_len, err_len), (LEN, LEN));
+    assert_eq!(out_digest, OUT_SHA256, "stdout is not `yes '{OUT_LINE}'`");
+    assert_eq!(err_digest, ERR_SHA256, "stderr is not `yes '{ERR_LINE}'`");
+    env.assert_clean();
+}
+
+/// The pids of `pid`'s children.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Polls `done` until it holds; panics naming `what` after `WAIT`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_pod_whose_vmm_was_killed_shows_exited_and_rm_removes_everything() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let env = Env::new("crash");
+    let out = env.output(&[
+        "run",
+        "-d",
+        "--name",
+        "crash1",
+        &env.layout(),
+        "--",
+        "sleep",
+        "600",
+    ]);
+    println!("crx-vm-boot: crx run -d (its VMM then killed)");
+    assert!(out.status.success());
+
+    // The VMM, as the sandbox state records it, and its virtiofsd.
+    let sandbox = Sandbox::open(&env.run_root(), "crash1").unwrap();
+    let vmm = sandbox.state().vmm_pid;
+    assert!(alive(vmm), "VMM {vmm} of crash1 is not running");
+    let virtiofsd = children_of(vmm);
+    assert!(
+        virtiofsd.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.contains("virtiofsd"))
+        }),
+        "no virtiofsd child of the VMM {vmm}: {virtiofsd:?}"
+    );
+    // SAFETY: kill(2) on the VMM pid the sandbox recorded, checked alive just above.
+    assert_eq!(unsafe { libc::kill(vmm as libc::pid_t, libc::SIGKILL) }, 0);
+    wait_until("the killed VMM exits", || !alive(vmm));
+    wait_until("virtiofsd dies with its VMM", || {
+        virtiofsd.iter().all(|&pid| !alive(pid))
+    });
+
+    let ps = env.output(&["ps"]);
+    let ps = String::from_utf8_lossy(&ps.stdout).to_string();
+    let line = ps
+        .lines()
+        .find(|l| l.starts_with("crash1 "))
+        .unwrap_or_else(|| panic!("crash1 not listed:\n{ps}"));
+    assert!(
+        line.contains("exited") && !line.contains("running"),
+        "{line}"
+    );
+    let exec = env.output(&["exec", "crash1", "--", "true"]);
+    assert!(!exec.status.success());
+    assert!(String::from_utf8_lossy(&exec.stderr).contains("not running"));
+
+    // Not running, so no -f needed.
+    let rm = env.output(&["rm", "crash1"]);
+    assert!(rm.status.success());
+    env.assert_clean();
+    let ps = env.output(&["ps"]);
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains("crash1"));
+    // The image is no longer leased.
+    assert!(env.output(&["rmi", "busybox"]).status.success());
+}
+
+/// An uncompressed layer tar of `(name, kind, link target, data)`; names are written as given,
+/// `..` and all, as a hostile image would.
+fn hostile_layer(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Layer {
+    let mut builder = tar::Builder::new(Vec::new());
+    for &(name, kind, link, data) in entries {
+        let mut header = tar::Header::new_old();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    Layer {
+        tar: builder.into_inner().unwrap(),
+        comp: Comp::None,
+    }
+}
+
+#[test]
+fn crx_run_refuses_images_whose_layers_escape_and_writes_nothing_outside_the_store() {
+    // No guest boots: the image is refused before any sandbox exists.
+    let env = Env::empty("escape");
+    let pid = std::process::id();
+    // Far enough up to reach / from anywhere in the store, then a path of our own.
+    let up = "../".repeat(16);
+    let outside_dotdot = PathBuf::from(format!("/tmp/crx-escape-dotdot-{pid}"));
+    let outside_link = PathBuf::from(format!("/tmp/crx-escape-link-{pid}"));
+    std::fs::create_dir_all(&outside_link).unwrap();
+    let cases = [
+        (
+            "dotdot",
+            hostile_layer(&[
+                ("etc/", tar::EntryType::Directory, "", b""),
+                ("../escape", tar::EntryType::Regular, "", b"pwned\n"),
+            ]),
+            // Wherever it landed in the store, the scan below finds it.
+            vec![],
+        ),
+        (
+            "dotdot-far",
+            hostile_layer(&[(
+                &format!("{up}tmp/crx-escape-dotdot-{pid}"),
+                tar::EntryType::Regular,
+                "",
+                b"pwned\n",
+            )]),
+            vec![outside_dotdot.clone()],
+        ),
+        (
+            "symlink",
+            hostile_layer(&[
+                (
+                    "out",
+                    tar::EntryType::Symlink,
+                    &outside_link.display().to_string(),
+                    b"",
+                ),
+                ("out/pwned", tar::EntryType::Regular, "", b"pwned\n"),
+            ]),
+            vec![outside_link.join("pwned")],
+        ),
+        (
+            "symlink-dotdot",
+            hostile_layer(&[
+                ("up", tar::EntryType::Symlink, &format!("{up}tmp"), b""),
+                (
+                    &format!("up/crx-escape-link-{pid}/pwned-relative"),
+                    tar::EntryType::Regular,
+                    "",
+                    b"pwned\n",
+                ),
+            ]),
+            vec![outside_link.join("pwned-relative")],
+        ),
+    ];
+    for (name, layer, targets) in cases {
+        let layout_dir = env.scratch.join(name);
+        let mut layout = Layout::new(&layout_dir);
+        let manifest = layout.image(&[layer], "amd64");
+        layout.tag(manifest, "latest");
+        let out = env.output(&[
+            "run",
+            "--name",
+            name,
+            &layout_dir.display().to_string(),
+            "--",
+            "true",
+        ]);
+        assert!(!out.status.success(), "{name}: crx run succeeded");
+        assert_ne!(out.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("escapes the root directory"),
+            "{name}: the error does not say the layer escapes:\n{stderr}"
+        );
+        for target in targets {
+            assert!(!target.exists(), "{name}: {} was written", target.display());
+        }
+        // Nothing named by the layers anywhere in the scratch tree either.
+        let written: Vec<_> = files_under(&env.scratch)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("pwned") || n == "escape")
+            })
+            .collect();
+        assert!(written.is_empty(), "{name}: written {written:?}");
+        assert!(
+            !env.run_root().join("sandboxes").join(name).exists(),
+            "{name}: a sandbox was made"
+        );
+        env.assert_clean();
+    }
+    let leaked: Vec<_> = std::fs::read_dir(&outside_link)
+        .unwrap()
+        .flatten()
+        .collect();
+    let _ = std::fs::remove_dir_all(&outside_link);
+    assert!(leaked.is_empty(), "written outside: {leaked:?}");
+    assert!(!outside_dotdot.exists());
+}
+
+#[test]
+fn crx_run_pulls_a_registry_reference() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let env = Env::new("registry");
+    // Started here, in the test body: in the test host when guests need it, like crx.
+    let registry = crx_test_support::Registry::start(&env.scratch.join("registry"), None);
+    registry.push(Path::new(&env.layout()), "latest", "crx/busybox", None);
+    let reference = format!("{}/crx/busybox:latest", registry.addr());
+    let out = env.output(&[
+        "run",
+        "--insecure-registry",
+        &registry.addr(),
+        &reference,
+        "--",
+        "sh",
+        "-c",
+        "echo pulled",
+    ]);
+    println!("crx-vm-boot: crx run of a registry reference");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pulled\n");
+    let images = env.output(&["images"]);
+    assert!(
+        String::from_utf8_lossy(&images.stdout)
+            .lines()
+            .any(|l| l.starts_with(&reference)),
+        "{reference} not listed"
+    );
+    env.assert_clean();
 }

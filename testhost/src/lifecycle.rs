@@ -25,8 +25,10 @@ use crate::{agent_binary, client};
 /// How long a running L1's agent gets to answer a health check (at most the hang timeout).
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Modules the L1 loads with modprobe once its root is up, if the kernel has them: tap devices,
-/// vhost, vsock and CNI bridges for the VMMs under test.
-const EXTRA_MODULES: &str = "tun vhost_net vhost_vsock bridge veth br_netfilter loop";
+/// vhost, vsock, CNI bridges and the tc pieces that join a pod's tap to its CNI interface
+/// (ingress qdisc, u32 filter, mirred redirect) for the VMMs under test.
+const EXTRA_MODULES: &str =
+    "tun vhost_net vhost_vsock bridge veth br_netfilter loop sch_ingress cls_u32 act_mirred";
 
 /// The running L1, as recorded in `state.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

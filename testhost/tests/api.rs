@@ -1,5 +1,5 @@
 //! The test host through the library API: exit codes, output streams, working directory, shared
-//! files, standard KVM inside, concurrency, reuse, and VM tests re-run inside.
+//! files, standard KVM inside, concurrency, reuse, VM tests re-run inside, and leftovers killed.
 //!
 //! Every test uses the run's shared test host (started on first use): on a machine without KVM,
 //! or where the test host cannot start, they fail with the reason.
@@ -196,4 +196,28 @@ fn a_vm_test_name_matching_no_test_fails_loudly() {
         .expect_err("an unknown test name must panic");
     let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("ran no test"), "{message}");
+}
+
+#[test]
+fn what_a_command_leaves_running_is_killed_and_named() {
+    let host = host();
+    // A daemon in a session of its own, beyond the command's process group.
+    let output = host
+        .run(&sh(
+            "setsid sleep 31337 </dev/null >/dev/null 2>&1 & sleep 0.2",
+        ))
+        .expect("run");
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("killed what the command left running") && stderr.contains("(sleep)"),
+        "{stderr}"
+    );
+    let left = host.run(&sh("pgrep -f 'slee[p] 31337'")).expect("run");
+    assert_eq!(
+        left.status.code(),
+        Some(1),
+        "still running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }

@@ -11,7 +11,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::base::{DeviceBase, Wake};
+use crate::base::{from_base, DeviceBase, Wake};
 use crate::device::{
     drain_queue, read_config_bytes, ActivateError, Activation, Malformed, Served, VirtioDevice,
 };
@@ -165,12 +165,10 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    from_base!(queue_max_sizes, queue_events, reset, active_queues, init_events);
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.base.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -187,10 +185,6 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac, offset, data);
-    }
-
-    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
-        self.base.queue_events()
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -211,15 +205,6 @@ impl VirtioDevice for Net {
         self.base.activate(activation)
     }
 
-    fn reset(&mut self) -> bool {
-        self.base.active = None;
-        true
-    }
-
-    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
-        self.base.active_queues()
-    }
-
     fn save_state(&self) -> Result<DeviceState, PersistError> {
         Ok(DeviceState::Net)
     }
@@ -233,10 +218,6 @@ impl VirtioDevice for Net {
                 "{other:?} for a net device"
             ))),
         }
-    }
-
-    fn init_events(&mut self, ops: &mut EventOps) {
-        self.base.init_events(ops);
     }
 
     fn process_event(&mut self, events: Events, ops: &mut EventOps) {

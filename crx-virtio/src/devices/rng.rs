@@ -3,8 +3,8 @@
 use event_manager::{EventOps, Events};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 
-use crate::base::{DeviceBase, Wake};
-use crate::device::{drain_queue, ActivateError, Activation, Malformed, Served, VirtioDevice};
+use crate::base::{from_base, DeviceBase, Wake};
+use crate::device::{drain_queue, Malformed, Served, VirtioDevice};
 use crate::iovec::ChainBuffers;
 use crate::persist::{DeviceState, PersistError};
 
@@ -53,12 +53,10 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
+    from_base!(queue_max_sizes, queue_events, activate, reset, active_queues, init_events);
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.base.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -67,23 +65,6 @@ impl VirtioDevice for Rng {
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
-    }
-
-    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
-        self.base.queue_events()
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.base.activate(activation)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.base.active = None;
-        true
-    }
-
-    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
-        self.base.active_queues()
     }
 
     fn save_state(&self) -> Result<DeviceState, PersistError> {
@@ -97,10 +78,6 @@ impl VirtioDevice for Rng {
                 "{other:?} for an rng device"
             ))),
         }
-    }
-
-    fn init_events(&mut self, ops: &mut EventOps) {
-        self.base.init_events(ops);
     }
 
     fn process_event(&mut self, events: Events, _ops: &mut EventOps) {

@@ -104,13 +104,27 @@ fn handle(agent: &Agent, kind: Kind) -> Result<response::Result> {
         Kind::WaitProcess(req) => agent.wait(&req).map(response::Result::Exit),
         Kind::SignalProcess(req) => agent.signal(&req).map(empty),
         Kind::ResizeTerminal(req) => agent.resize(&req).map(empty),
-        Kind::Stats(req) => agent
-            .stats(&req.container_ids)
-            .map(|containers| response::Result::Stats(StatsReply { containers })),
+        Kind::Stats(req) => agent.stats(&req.container_ids).map(|containers| {
+            response::Result::Stats(StatsReply {
+                containers,
+                agent_rss_bytes: own_rss_bytes(),
+            })
+        }),
         Kind::RemoveContainer(req) => agent.remove(&req.container_id).map(empty),
         Kind::ListContainers(_) => Ok(response::Result::List(ListReply {
             containers: agent.list(),
         })),
         Kind::Hello(_) | Kind::Shutdown(_) => unreachable!("handled by serve"),
     }
+}
+
+/// The agent's VmRSS (`/proc/self/status`), bytes; 0 if unreadable.
+fn own_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }

@@ -18,12 +18,9 @@ use std::path::PathBuf;
 
 use event_manager::{EventOps, Events};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::base::{DeviceBase, Wake};
-use crate::device::{
-    drain_queue, read_config_bytes, ActivateError, Activation, Malformed, Served, VirtioDevice,
-};
+use crate::base::{from_base, DeviceBase, Wake};
+use crate::device::{drain_queue, read_config_bytes, Malformed, Served, VirtioDevice};
 use crate::iovec::ChainBuffers;
 use crate::persist::{DeviceState, PersistError};
 use muxer::Muxer;
@@ -186,12 +183,10 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    from_base!(queue_max_sizes, queue_events, activate, active_queues);
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.base.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -202,22 +197,10 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        self.base.queue_events()
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.base.activate(activation)
-    }
-
     fn reset(&mut self) -> bool {
         self.base.active = None;
         self.muxer.reset_all();
         true
-    }
-
-    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
-        self.base.active_queues()
     }
 
     fn save_state(&self) -> Result<DeviceState, PersistError> {
@@ -277,10 +260,11 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::packet::{Op, HOST_CID, TYPE_STREAM};
     use super::*;
-    use crate::device::Interrupt;
+    use crate::device::{Activation, Interrupt};
 
     const GUEST_CID: u32 = 3;
     const GUEST_PORT: u32 = 1234;

@@ -1,6 +1,7 @@
 //! Runs one requested command: streams its stdout and stderr back as they come, sends
 //! heartbeats while it is quiet, and ends with its wait status. A client that goes away gets the
-//! command's process group killed.
+//! command's process group killed; whatever the command leaves running is killed with its cgroup
+//! before the wait status is sent.
 
 use std::ffi::OsString;
 use std::io::{self, Read};
@@ -14,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crx_testhost::protocol::{Reply, RunRequest, HEARTBEAT_INTERVAL};
+
+use crate::cgroup::CommandCgroup;
 
 /// After the command exits, how long to wait for the rest of its output (a background process
 /// it left may hold the pipes open for good).
@@ -33,7 +36,17 @@ pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
         return Reply::Failure("empty command".into()).write_to(&mut stream);
     };
     let cwd = OsString::from_vec(request.cwd);
-    let spawned = Command::new(program)
+    let cgroup = CommandCgroup::create()
+        .map_err(|e| tracing::warn!("no cgroup of its own for the command: {e}"))
+        .ok()
+        .map(Arc::new);
+    let mut command = Command::new(program);
+    if let Some(cgroup) = &cgroup {
+        let cgroup = Arc::clone(cgroup);
+        // SAFETY: the hook only calls write(2), which is async-signal-safe.
+        unsafe { command.pre_exec(move || cgroup.enter_from_child()) };
+    }
+    let spawned = command
         .args(args)
         .current_dir(&cwd)
         .envs(
@@ -77,18 +90,30 @@ pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
     if result.is_err() {
         kill_group(process_group);
     }
+    let left = cgroup.map(|c| c.kill_all()).unwrap_or_default();
+    let result = result.and_then(|status| {
+        if !left.is_empty() {
+            let note = format!(
+                "crx-testhost: killed what the command left running: {}\n",
+                left.join(", ")
+            );
+            Reply::Stderr(note.into_bytes()).write_to(&mut stream)?;
+        }
+        Reply::Exit(status.into_raw()).write_to(&mut stream)
+    });
     let _ = stream.shutdown(Shutdown::Both);
     result
 }
 
-/// Sends output and heartbeats until the command has exited and its output is drained.
-fn forward(received: &mpsc::Receiver<Event>, stream: &mut TcpStream) -> io::Result<()> {
+/// Sends output and heartbeats until the command has exited and its output is drained; returns
+/// its wait status.
+fn forward(received: &mpsc::Receiver<Event>, stream: &mut TcpStream) -> io::Result<ExitStatus> {
     let mut open_pipes = 2;
     let mut exit: Option<(ExitStatus, Instant)> = None;
     loop {
         if let Some((status, exited_at)) = exit {
             if open_pipes == 0 || exited_at.elapsed() >= OUTPUT_GRACE {
-                return Reply::Exit(status.into_raw()).write_to(stream);
+                return Ok(status);
             }
         }
         let wait = match exit {

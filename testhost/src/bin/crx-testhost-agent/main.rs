@@ -4,6 +4,7 @@
 //! [`supervisor`]); its child serves requests (see [`server`]) and exits after N idle seconds,
 //! which powers the L1 off.
 
+mod cgroup;
 mod command;
 mod server;
 mod supervisor;

@@ -1,7 +1,6 @@
-//! Test support: a real Debian `docker-registry` on a free loopback port (own config, storage
-//! and log), OCI layouts built here from `/bin/busybox`, pushes with `skopeo`, and a
-//! throttling TCP proxy.
-#![allow(dead_code)] // each test binary uses a different subset
+//! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
+//! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
+//! by hand ([`layout`]), pushes with `skopeo`, and a throttling TCP proxy ([`proxy`]).
 
 pub mod layout;
 pub mod proxy;
@@ -94,7 +93,8 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: in the KVM test host every instruction is emulated.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while http_status(&self.addr(), "/v2/").is_none() {
             assert!(
                 Instant::now() < deadline,
@@ -190,16 +190,17 @@ pub fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
 }
 
-/// Files below `dir` (recursively), relative paths.
+/// Everything below `dir` (recursively) that is not a directory, as paths under `dir`; symlinks
+/// are listed, never followed.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
             } else {
-                out.push(p);
+                out.push(e.path());
             }
         }
     }

@@ -1,0 +1,210 @@
+//! Test support: a real `crx-cri` process on a scratch socket and store, the real `crictl` and
+//! `critest` (cri-tools v1.32 in `../shared/cri-tools/bin`) pointed at it, a gRPC client for
+//! requests crictl cannot make, and CRX's bundled busybox layout built by
+//! `images/build-busybox.sh`.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `../shared/cri-tools` beside the workspace (`CRX_CRI_TOOLS` overrides).
+pub fn cri_tools() -> PathBuf {
+    std::env::var_os("CRX_CRI_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/cri-tools"))
+}
+
+/// A cri-tools binary (`crictl`, `critest`); fails the test when it is missing.
+pub fn cri_tool(name: &str) -> PathBuf {
+    let path = cri_tools().join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: the CRI tests need cri-tools v1.32 (crictl, critest) in ../shared/cri-tools/bin (or $CRX_CRI_TOOLS/bin)",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory for sockets: not on a 9p or overlay /tmp, where Unix sockets may not be
+/// creatable.
+pub fn socket_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("crx-cri-test-")
+        .tempdir_in("/run")
+        .expect("a scratch directory under /run")
+}
+
+/// A running `crx-cri`, stopped with SIGTERM on drop.
+pub struct CriServer {
+    pub socket: PathBuf,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl CriServer {
+    /// Start `crx-cri` with `config` (TOML) written to `dir/config.toml`, listening on
+    /// `socket`, its state in `dir/state`, its log in `dir/crx-cri.log`.
+    pub fn start(dir: &Path, socket: &Path, store: &Path, config: &str) -> CriServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let config_path = dir.join("config.toml");
+        std::fs::write(
+            &config_path,
+            format!("log_level = \"crx_cri=debug,crx_image=debug,info\"\n{config}"),
+        )
+        .unwrap();
+        let log = dir.join("crx-cri.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_crx-cri"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--image-root")
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start crx-cri");
+        let mut server = CriServer {
+            socket: socket.to_owned(),
+            store: store.to_owned(),
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("crx-cri exited ({status}):\n{}", server.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "crx-cri did not listen on {}:\n{}",
+                socket.display(),
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, wait for the exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run `crictl` against this server.
+    pub fn crictl(&self, args: &[&str]) -> Output {
+        Command::new(cri_tool("crictl"))
+            .arg("--runtime-endpoint")
+            .arg(self.endpoint())
+            .arg("--image-endpoint")
+            .arg(self.endpoint())
+            .args(["--timeout", "60s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run crictl")
+    }
+
+    /// Run `crictl` and return its stdout; fails the test (with crictl's and crx-cri's output)
+    /// unless it succeeds.
+    pub fn crictl_ok(&self, args: &[&str]) -> String {
+        let out = self.crictl(args);
+        assert!(
+            out.status.success(),
+            "crictl {args:?} failed: {}\n{}\ncrx-cri log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `crictl -o json ARGS` parsed.
+    pub fn crictl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.splice(0..0, args.iter().take(1).copied());
+        all.extend(args.iter().skip(1));
+        let text = self.crictl_ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("crictl {all:?}: {e}: {text}"))
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to crx-cri")
+    }
+
+    pub async fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    pub async fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel().await)
+    }
+}
+
+impl Drop for CriServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// CRX's bundled busybox image (an OCI layout, tag `latest`) built into `out` by
+/// `images/build-busybox.sh`.
+pub fn build_busybox(out: &Path) -> PathBuf {
+    let status = Command::new(workspace().join("images/build-busybox.sh"))
+        .arg(out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run images/build-busybox.sh");
+    assert!(status.success(), "images/build-busybox.sh failed");
+    out.to_owned()
+}
