@@ -46,7 +46,10 @@ fn main() {
         bench.restore_once(&saved[&vmm]).map_err(|e| e.to_string())
     });
     for (vmm, e) in &measured.failed {
-        eprintln!("snapshot bench: {} cannot restore the guest: {e}", vmm.name());
+        eprintln!(
+            "snapshot bench: {} cannot restore the guest: {e}",
+            vmm.name()
+        );
         failures.push(vmm.name());
     }
     let mut group = criterion.benchmark_group("restore_to_guest_running");

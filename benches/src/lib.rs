@@ -1,7 +1,7 @@
 //! Bench support: boots the same kernel and initrd under CRX, Firecracker and Cloud Hypervisor
 //! (each as its own process, started the way `../shared/peers/README.md` says), reads each
 //! VMM's own boot-time report, and measures VMM memory overhead the way Firecracker's memory
-//! test counts it.
+//! test counts it; [`snapshot`] saves and restores a guest under CRX and Firecracker.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -228,25 +228,25 @@ impl Bench {
         let _ = std::fs::remove_file(&log);
         std::fs::write(&log, b"")?;
         let config = format!(
-                r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
-                    "drives": [{drives}],
-                    "network-interfaces": [{nets}],{vsock}
-                    "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
-                    "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
-                k = self.kernel,
-                i = self.initrd,
-                c = cmdline,
-                l = log,
-                drives = devices.disk.as_ref().map_or(String::new(), |d| format!(
-                    r#"{{"drive_id": "vda", "path_on_host": {d:?}, "is_root_device": false, "is_read_only": false}}"#
-                )),
-                nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
-                    r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
-                )),
-                vsock = devices.vsock.as_ref().map_or(String::new(), |u| format!(
-                    r#" "vsock": {{"guest_cid": {GUEST_CID}, "uds_path": {u:?}}},"#
-                )),
-            );
+            r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
+                "drives": [{drives}],
+                "network-interfaces": [{nets}],{vsock}
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
+                "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
+            k = self.kernel,
+            i = self.initrd,
+            c = cmdline,
+            l = log,
+            drives = devices.disk.as_ref().map_or(String::new(), |d| format!(
+                r#"{{"drive_id": "vda", "path_on_host": {d:?}, "is_root_device": false, "is_read_only": false}}"#
+            )),
+            nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
+                r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
+            )),
+            vsock = devices.vsock.as_ref().map_or(String::new(), |u| format!(
+                r#" "vsock": {{"guest_cid": {GUEST_CID}, "uds_path": {u:?}}},"#
+            )),
+        );
         let config_path = dir.join("vm.json");
         std::fs::write(&config_path, config)?;
         Ok(config_path)

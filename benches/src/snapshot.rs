@@ -43,7 +43,11 @@ impl Running {
     fn spawn(vmm: Vmm, cmd: &mut Command) -> Result<Running, BenchError> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(if vmm == Vmm::Crx { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if vmm == Vmm::Crx {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .map(Running)
             .map_err(|source| BenchError::Spawn {

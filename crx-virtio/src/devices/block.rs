@@ -315,7 +315,14 @@ fn transfer(
 }
 
 impl VirtioDevice for Block {
-    from_base!(queue_max_sizes, queue_events, activate, reset, active_queues, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        activate,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK

@@ -165,7 +165,13 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    from_base!(queue_max_sizes, queue_events, reset, active_queues, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET

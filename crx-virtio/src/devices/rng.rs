@@ -53,7 +53,14 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
-    from_base!(queue_max_sizes, queue_events, activate, reset, active_queues, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        activate,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
