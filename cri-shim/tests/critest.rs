@@ -25,10 +25,6 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[
         "public image with digest should be pulled and removed [Conformance]",
         "it pulls test-image-digest@sha256:9700f9…, an upstream manifest no offline stand-in can reproduce",
     ),
-    (
-        "runtime should return runtime conditions [Conformance]",
-        "it wants NetworkReady true; crx-cri reports false until pod networking exists",
-    ),
 ];
 
 /// Registry storage holding every stand-in image, built once per bench.sh version.
@@ -100,12 +96,20 @@ fn critest_image_and_runtime_info_groups() {
         .iter()
         .map(|host| format!("\"{host}\" = \"{}\"\n", reg.addr()))
         .collect();
+    // A CNI network configured (NetworkReady); these groups start no pods.
+    let net_d = tmp.path().join("net.d");
+    std::fs::create_dir_all(&net_d).unwrap();
+    std::fs::write(
+        net_d.join("10-critest.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "critest", "plugins": [{"type": "bridge", "bridge": "crxcritest0", "ipam": {"type": "host-local", "subnet": "10.89.9.0/24"}}]}"#,
+    )
+    .unwrap();
     let sockets = socket_dir();
     let cri = CriServer::start(
         &tmp.path().join("cri"),
         &sockets.path().join("crx.sock"),
         &tmp.path().join("store"), // empty, as critest needs
-        &format!("[image.mirrors]\n{mirrors}"),
+        &format!("[network]\ncni_conf_dir = {net_d:?}\n[image.mirrors]\n{mirrors}"),
     );
 
     let report = tmp.path().join("report.json");
