@@ -4,10 +4,14 @@
 //! SIGINT and then removes its socket.
 
 mod config;
+mod containers;
+mod cri_log;
 mod deadline;
 mod errors;
 mod image_service;
 mod images;
+mod pods;
+mod records;
 mod runtime_service;
 mod server;
 
@@ -24,7 +28,8 @@ use crate::config::{Config, DEFAULT_CONFIG};
     version,
     about = "CRX's Kubernetes CRI server: every pod in its own microVM",
     long_about = "CRX's Kubernetes CRI v1 server (gRPC on a Unix socket). The ImageService works on \
-the crx-image store; the RuntimeService answers Version and Status (pods come next). Settings \
+the crx-image store; the RuntimeService runs every pod sandbox in its own microVM (several \
+containers each), with CNI networking, CRI logs and ExecSync. Settings \
 come from the configuration file; flags override it. Several instances run side by side with \
 their own --listen and --state-dir.",
     after_long_help = config::EXAMPLE

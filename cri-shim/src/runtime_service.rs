@@ -1,14 +1,19 @@
-//! The CRI RuntimeService: Version and Status now; the pod and container calls answer
-//! Unimplemented, naming themselves, until the runtime behind them (pod VMs through
-//! crx-runtime) is built. Each implemented call moves from the `not_built` list of
-//! [`runtime_service!`] to its `implemented` block.
+//! The CRI RuntimeService: Version, Status, the pod sandbox calls ([`crate::pods`]), the
+//! container calls and ExecSync ([`crate::containers`]). Those block, so they run on the
+//! blocking pool. The calls not built yet (streaming Exec/Attach/PortForward, stats, resource
+//! updates, checkpoints, events) answer Unimplemented, naming themselves: each implemented call
+//! moves from the `not_built` list of [`runtime_service!`] to its `implemented` block.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
+use crate::errors::join_status;
+use crate::pods::Runtime;
 
 /// The CRI API version this server speaks.
 pub const RUNTIME_API_VERSION: &str = "v1";
@@ -20,11 +25,27 @@ pub const RUNTIME_NAME: &str = "crx";
 /// The RuntimeService of one crx-cri instance.
 pub struct RuntimeService {
     config: Config,
+    runtime: Arc<Runtime>,
 }
 
 impl RuntimeService {
-    pub fn new(config: Config) -> Self {
-        RuntimeService { config }
+    pub fn new(runtime: Arc<Runtime>) -> Self {
+        RuntimeService {
+            config: runtime.config.clone(),
+            runtime,
+        }
+    }
+
+    /// Runs `f` on the runtime on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Arc<Runtime>) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || f(&runtime))
+            .await
+            .map_err(join_status)?
+            .map(Response::new)
     }
 
     fn status_response(&self, verbose: bool) -> cri::StatusResponse {
@@ -47,17 +68,19 @@ impl RuntimeService {
             recursive_read_only_mounts: false,
             user_namespaces: false,
         });
+        let network = match crx_runtime::network::cni::load(&self.config.network.cni_conf_dir, None)
+        {
+            Ok(_) => condition("NetworkReady", true, "", ""),
+            Err(e) => condition(
+                "NetworkReady",
+                false,
+                "NetworkPluginNotReady",
+                &e.to_string(),
+            ),
+        };
         cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
-                conditions: vec![
-                    condition("RuntimeReady", true, "", ""),
-                    condition(
-                        "NetworkReady",
-                        false,
-                        "NetworkNotImplemented",
-                        "crx-cri does not set up pod networking yet",
-                    ),
-                ],
+                conditions: vec![condition("RuntimeReady", true, "", ""), network],
             }),
             info,
             // "" is the default handler (pods without a RuntimeClass); both are this runtime.
@@ -81,7 +104,7 @@ impl RuntimeService {
 /// The status of a RuntimeService call whose implementation does not exist yet.
 fn not_built(method: &str) -> Status {
     Status::unimplemented(format!(
-        "crx-cri does not implement RuntimeService/{method} yet (pods and containers come next)"
+        "crx-cri does not implement RuntimeService/{method} yet"
     ))
 }
 
@@ -125,6 +148,151 @@ runtime_service! {
             Ok(Response::new(self.status_response(request.into_inner().verbose)))
         }
 
+        async fn run_pod_sandbox(
+            &self,
+            request: Request<cri::RunPodSandboxRequest>,
+        ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+            let request = request.into_inner();
+            let config = request
+                .config
+                .ok_or_else(|| Status::invalid_argument("no pod sandbox config"))?;
+            let handler = request.runtime_handler;
+            self.blocking(move |r| {
+                r.run_pod(config, handler)
+                    .map(|pod_sandbox_id| cri::RunPodSandboxResponse { pod_sandbox_id })
+            })
+            .await
+        }
+
+        async fn stop_pod_sandbox(
+            &self,
+            request: Request<cri::StopPodSandboxRequest>,
+        ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            self.blocking(move |r| r.stop_pod(&id).map(|()| cri::StopPodSandboxResponse {}))
+                .await
+        }
+
+        async fn remove_pod_sandbox(
+            &self,
+            request: Request<cri::RemovePodSandboxRequest>,
+        ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            self.blocking(move |r| r.remove_pod(&id).map(|()| cri::RemovePodSandboxResponse {}))
+                .await
+        }
+
+        async fn pod_sandbox_status(
+            &self,
+            request: Request<cri::PodSandboxStatusRequest>,
+        ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+            let request = request.into_inner();
+            self.blocking(move |r| r.pod_status(&request.pod_sandbox_id, request.verbose))
+                .await
+        }
+
+        async fn list_pod_sandbox(
+            &self,
+            request: Request<cri::ListPodSandboxRequest>,
+        ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+            let filter = request.into_inner().filter;
+            self.blocking(move |r| Ok(cri::ListPodSandboxResponse { items: r.list_pods(filter) }))
+                .await
+        }
+
+        async fn create_container(
+            &self,
+            request: Request<cri::CreateContainerRequest>,
+        ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+            let request = request.into_inner();
+            let config = request
+                .config
+                .ok_or_else(|| Status::invalid_argument("no container config"))?;
+            let pod = request.pod_sandbox_id;
+            self.blocking(move |r| {
+                r.create_container(&pod, config)
+                    .map(|container_id| cri::CreateContainerResponse { container_id })
+            })
+            .await
+        }
+
+        async fn start_container(
+            &self,
+            request: Request<cri::StartContainerRequest>,
+        ) -> Result<Response<cri::StartContainerResponse>, Status> {
+            let id = request.into_inner().container_id;
+            self.blocking(move |r| r.start_container(&id).map(|()| cri::StartContainerResponse {}))
+                .await
+        }
+
+        async fn stop_container(
+            &self,
+            request: Request<cri::StopContainerRequest>,
+        ) -> Result<Response<cri::StopContainerResponse>, Status> {
+            let request = request.into_inner();
+            let timeout = Duration::from_secs(request.timeout.max(0) as u64);
+            self.blocking(move |r| {
+                r.stop_container(&request.container_id, timeout)
+                    .map(|()| cri::StopContainerResponse {})
+            })
+            .await
+        }
+
+        async fn remove_container(
+            &self,
+            request: Request<cri::RemoveContainerRequest>,
+        ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+            let id = request.into_inner().container_id;
+            self.blocking(move |r| {
+                r.remove_container(&id).map(|()| cri::RemoveContainerResponse {})
+            })
+            .await
+        }
+
+        async fn list_containers(
+            &self,
+            request: Request<cri::ListContainersRequest>,
+        ) -> Result<Response<cri::ListContainersResponse>, Status> {
+            let filter = request.into_inner().filter;
+            self.blocking(move |r| {
+                Ok(cri::ListContainersResponse { containers: r.list_containers(filter) })
+            })
+            .await
+        }
+
+        async fn container_status(
+            &self,
+            request: Request<cri::ContainerStatusRequest>,
+        ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+            let id = request.into_inner().container_id;
+            self.blocking(move |r| {
+                r.container_status(&id).map(|status| cri::ContainerStatusResponse {
+                    status: Some(status),
+                    info: HashMap::new(),
+                })
+            })
+            .await
+        }
+
+        async fn exec_sync(
+            &self,
+            request: Request<cri::ExecSyncRequest>,
+        ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+            let request = request.into_inner();
+            let timeout = Duration::from_secs(request.timeout.max(0) as u64);
+            self.blocking(move |r| r.exec_sync(&request.container_id, request.cmd, timeout))
+                .await
+        }
+
+        async fn reopen_container_log(
+            &self,
+            request: Request<cri::ReopenContainerLogRequest>,
+        ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+            let id = request.into_inner().container_id;
+            self.blocking(move |r| r.reopen_log(&id).map(|()| cri::ReopenContainerLogResponse {}))
+                .await
+        }
+
         type GetContainerEventsStream = tonic::codegen::BoxStream<cri::ContainerEventResponse>;
 
         async fn get_container_events(
@@ -135,20 +303,7 @@ runtime_service! {
         }
     }
     not_built {
-        run_pod_sandbox: RunPodSandboxRequest -> RunPodSandboxResponse,
-        stop_pod_sandbox: StopPodSandboxRequest -> StopPodSandboxResponse,
-        remove_pod_sandbox: RemovePodSandboxRequest -> RemovePodSandboxResponse,
-        pod_sandbox_status: PodSandboxStatusRequest -> PodSandboxStatusResponse,
-        list_pod_sandbox: ListPodSandboxRequest -> ListPodSandboxResponse,
-        create_container: CreateContainerRequest -> CreateContainerResponse,
-        start_container: StartContainerRequest -> StartContainerResponse,
-        stop_container: StopContainerRequest -> StopContainerResponse,
-        remove_container: RemoveContainerRequest -> RemoveContainerResponse,
-        list_containers: ListContainersRequest -> ListContainersResponse,
-        container_status: ContainerStatusRequest -> ContainerStatusResponse,
         update_container_resources: UpdateContainerResourcesRequest -> UpdateContainerResourcesResponse,
-        reopen_container_log: ReopenContainerLogRequest -> ReopenContainerLogResponse,
-        exec_sync: ExecSyncRequest -> ExecSyncResponse,
         exec: ExecRequest -> ExecResponse,
         attach: AttachRequest -> AttachResponse,
         port_forward: PortForwardRequest -> PortForwardResponse,

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::config::Config;
 use crate::deadline::DeadlineLayer;
 use crate::image_service::ImageService;
+use crate::pods::Runtime;
 use crate::runtime_service::RuntimeService;
 
 /// How long requests still running at a stop signal may take to finish.
@@ -29,8 +30,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let registry = config.registry();
     let store = crx_image::Store::open(&config.image.root, registry.clone())
         .with_context(|| format!("opening the image store {}", config.image.root.display()))?;
-    let images = ImageService::new(store, registry);
-    let runtime = RuntimeService::new(config.clone());
+    let images = ImageService::new(store.clone(), registry);
+    let pods = Runtime::new(config.clone(), store)
+        .with_context(|| format!("loading the pod records in {}", config.state_dir.display()))?;
+    let runtime = RuntimeService::new(pods);
 
     let socket = config.socket();
     let listener = bind(&socket)?;

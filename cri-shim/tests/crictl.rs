@@ -1,7 +1,9 @@
 //! crx-cri driven by the real `crictl` (cri-tools v1.32): version, info, pull (anonymous and
 //! with credentials) from a real `docker-registry`, images, inspecti, imagefsinfo, rmi; the
 //! bundled busybox known as `busybox`; malformed requests, idempotent removal, unimplemented
-//! calls and the socket's life, through a gRPC client.
+//! calls and the socket's life, through a gRPC client. In VMs (the test host): pods and
+//! containers end to end (runp, create, start, exec -s, logs, inspect, ps, pods, stop, rm,
+//! stopp, rmp, nothing left behind), exit codes and reasons, a restarted crx-cri and a dead VMM.
 
 mod support;
 
@@ -27,11 +29,15 @@ fn bench(user: Option<(&str, &str)>) -> Bench {
     let layout = build_busybox(&tmp.path().join("busybox"));
     reg.push(&layout, "latest", "crx/busybox", user);
     let sockets = socket_dir();
+    // A CNI configuration directory with nothing in it: the network is not ready.
     let cri = CriServer::start(
         &tmp.path().join("cri"),
         &sockets.path().join("crx.sock"),
         &tmp.path().join("store"),
-        "",
+        &format!(
+            "[network]\ncni_conf_dir = {:?}\n",
+            tmp.path().join("empty-net.d")
+        ),
     );
     Bench {
         reg,
@@ -60,7 +66,7 @@ fn crictl_drives_the_image_service() {
     };
     assert_eq!(condition("RuntimeReady")["status"], true);
     assert_eq!(condition("NetworkReady")["status"], false);
-    assert_eq!(condition("NetworkReady")["reason"], "NetworkNotImplemented");
+    assert_eq!(condition("NetworkReady")["reason"], "NetworkPluginNotReady");
     assert_eq!(info["config"]["runtime"]["handler"], "crx");
     assert_eq!(
         info["config"]["image"]["root"],
@@ -330,8 +336,55 @@ async fn malformed_and_unimplemented_requests() {
         .run_pod_sandbox(cri::RunPodSandboxRequest::default())
         .await
         .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // Pods and containers that are not there: NotFound, except where the CRI asks for
+    // idempotence (stop and remove succeed).
+    let err = runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let err = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+            config: Some(cri::ContainerConfig::default()),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .stop_container(cri::StopContainerRequest {
+            container_id: "0123456789ab".into(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: "0123456789ab".into(),
+        })
+        .await
+        .unwrap();
+    // Streaming is not built: Unimplemented, naming the call.
+    let err = runtime.exec(cri::ExecRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
-    assert!(err.message().contains("RunPodSandbox"), "{err}");
+    assert!(err.message().contains("Exec"), "{err}");
     // Still serving.
     let version = runtime
         .version(cri::VersionRequest::default())
@@ -387,4 +440,480 @@ async fn malformed_and_unimplemented_requests() {
     );
     assert!(!socket.exists(), "socket left behind");
     assert!(server.log().contains("SIGTERM: stopping"));
+}
+
+/// CNI plugins: Debian's containernetworking-plugins.
+const CNI_BIN: &str = "/usr/lib/cni";
+
+/// A crx-cri whose store holds the bundled busybox and whose pods join a CNI bridge network of
+/// the test's own (bridge `bridge`, addresses from `<prefix>.0/24`), everything under one
+/// scratch directory in /run (sockets cannot live on the test host's 9p /tmp). Whatever an
+/// earlier failed run left in the test host is removed first.
+struct PodBench {
+    cri: CriServer,
+    dir: tempfile::TempDir,
+    network: String,
+    bridge: String,
+}
+
+impl PodBench {
+    fn new(network: &str, bridge: &str, prefix: &str) -> PodBench {
+        for plugin in ["bridge", "host-local", "loopback"] {
+            assert!(
+                std::path::Path::new(CNI_BIN).join(plugin).exists(),
+                "{CNI_BIN}/{plugin} is missing (Debian package containernetworking-plugins)"
+            );
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", bridge])
+            .output();
+        let _ =
+            std::fs::remove_dir_all(std::path::Path::new("/var/lib/cni/networks").join(network));
+        // Short: the sandbox sockets under it must fit a Unix socket path.
+        let dir = tempfile::Builder::new()
+            .prefix("cx")
+            .tempdir_in("/run")
+            .unwrap();
+        let layout = build_busybox(&dir.path().join("busybox"));
+        let store_root = dir.path().join("store");
+        let store =
+            crx_image::Store::open(&store_root, crx_image::RegistryConfig::default()).unwrap();
+        store.import(&layout, None).unwrap();
+        let conf_dir = dir.path().join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("{prefix}.0/24"), "gateway": format!("{prefix}.1")}]],
+                        "routes": [{"dst": "0.0.0.0/0"}]
+                    }
+                },
+                {"type": "loopback"}
+            ]
+        });
+        std::fs::write(
+            conf_dir.join("10-test.conflist"),
+            serde_json::to_vec_pretty(&conflist).unwrap(),
+        )
+        .unwrap();
+        let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_crx-cri")).with_file_name("crx-vmm");
+        assert!(
+            vmm.exists(),
+            "{} is missing: build it (`cargo build -p crx-vmm`)",
+            vmm.display()
+        );
+        let config = format!(
+            "[runtime]\nvmm = {vmm:?}\nboot_timeout_secs = 300\n[network]\ncni_conf_dir = {conf_dir:?}\ncni_bin_dirs = [{CNI_BIN:?}]\n"
+        );
+        let cri = CriServer::start(
+            &dir.path().join("cri"),
+            &dir.path().join("crx.sock"),
+            &store_root,
+            &config,
+        );
+        PodBench {
+            cri,
+            dir,
+            network: network.into(),
+            bridge: bridge.into(),
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `value` as `name` (JSON) in the scratch directory; returns its path.
+    fn json(&self, name: &str, value: serde_json::Value) -> String {
+        let path = self.path(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+        path.display().to_string()
+    }
+
+    /// A pod config: its own name, logs under `logs/`, labels.
+    fn pod_config(&self, name: &str) -> String {
+        self.json(
+            &format!("pod-{name}.json"),
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": "crx-test", "uid": format!("uid-{name}"), "attempt": 1},
+                "hostname": format!("{name}-host"),
+                "log_directory": self.path("logs").join(name),
+                "labels": {"app": name},
+                "annotations": {"note": "crx"},
+                "linux": {}
+            }),
+        )
+    }
+
+    /// A busybox container config running `sh -c script`.
+    fn container_config(&self, name: &str, script: &str) -> String {
+        self.json(
+            &format!("container-{name}.json"),
+            serde_json::json!({
+                "metadata": {"name": name},
+                "image": {"image": "busybox"},
+                "command": ["sh", "-c", script],
+                "log_path": format!("{name}/0.log"),
+                "labels": {"container": name},
+                "annotations": {"kind": "test"},
+                "linux": {}
+            }),
+        )
+    }
+
+    /// Polls `crictl inspect` of `id` until its state is `state`.
+    fn wait_state(&self, id: &str, state: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let status = self.cri.crictl_json(&["inspect", id]);
+            if status["status"]["state"] == state {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "container {id} never became {state}: {status}\n{}",
+                self.cri.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Nothing of pod `id` is left on the host: no VMM or virtiofsd, no mounts under the
+    /// scratch directory, no network namespace, no veth on the bridge, no address, no
+    /// sandbox directory.
+    fn assert_clean(&self, id: &str) {
+        let processes = std::process::Command::new("pgrep")
+            .args(["-a", "-f", id])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&processes.stdout).trim().is_empty(),
+            "processes of pod {id} left: {}",
+            String::from_utf8_lossy(&processes.stdout)
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let scratch = self.dir.path().display().to_string();
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&scratch)).collect();
+        assert!(left.is_empty(), "mounts left: {left:#?}");
+        assert!(
+            !std::path::Path::new("/run/netns")
+                .join(format!("crx-{id}"))
+                .exists(),
+            "network namespace of {id} left"
+        );
+        let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(ports, 0, "veths left on {}", self.bridge);
+        let addresses =
+            std::fs::read_dir(std::path::Path::new("/var/lib/cni/networks").join(&self.network))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .parse::<std::net::Ipv4Addr>()
+                                .is_ok()
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+        assert_eq!(
+            addresses, 0,
+            "addresses of {} still allocated",
+            self.network
+        );
+        assert!(
+            !self.path("cri/state/sandboxes").join(id).exists(),
+            "sandbox directory of {id} left"
+        );
+    }
+}
+
+impl Drop for PodBench {
+    fn drop(&mut self) {
+        // Whatever a failed test left running: pods first (their VMs and networks), then the
+        // bridge.
+        let pods = self.cri.crictl(&["pods", "-q"]);
+        for id in String::from_utf8_lossy(&pods.stdout).split_whitespace() {
+            let _ = self.cri.crictl(&["rmp", "-f", id]);
+        }
+        self.cri.stop();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+#[test]
+fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let b = PodBench::new("crx-cri-e2e", "crxcri0", "10.89.7");
+    let c = &b.cri;
+    let info = c.crictl_json(&["info"]);
+    let network_ready = info["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["type"] == "NetworkReady")
+        .unwrap()
+        .clone();
+    assert_eq!(network_ready["status"], true, "{info}");
+
+    let pod_config = b.pod_config("web");
+    let pod = c.crictl_ok(&["runp", &pod_config]).trim().to_owned();
+    println!("crx-vm-boot: crictl runp (pod {pod})");
+    assert_eq!(pod.len(), 32, "{pod}");
+
+    let status = c.crictl_json(&["inspectp", &pod]);
+    assert_eq!(status["status"]["state"], "SANDBOX_READY", "{status}");
+    assert_eq!(status["status"]["metadata"]["name"], "web");
+    assert_eq!(status["status"]["labels"]["app"], "web");
+    assert_eq!(status["status"]["annotations"]["note"], "crx");
+    let ip = status["status"]["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(ip.starts_with("10.89.7."), "pod IP {ip:?}: {status}");
+    // crictl shows times as RFC 3339 (UTC, fixed width): they compare as strings.
+    let time = |status: &serde_json::Value, key: &str| -> String {
+        let t = status["status"][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(t.len() > 10 && !t.starts_with("1970"), "{key}: {status}");
+        t
+    };
+    time(&status, "createdAt");
+
+    let pods = c.crictl_json(&["pods"]);
+    assert_eq!(pods["items"].as_array().unwrap().len(), 1, "{pods}");
+    assert_eq!(pods["items"][0]["state"], "SANDBOX_READY");
+    // Filters: by label, by state, by ID prefix.
+    for (args, count) in [
+        (vec!["pods", "--label", "app=web"], 1),
+        (vec!["pods", "--label", "app=db"], 0),
+        (vec!["pods", "--state", "ready"], 1),
+        (vec!["pods", "--state", "notready"], 0),
+        (vec!["pods", "--id", &pod[..12]], 1),
+    ] {
+        let listed = c.crictl_json(&args);
+        assert_eq!(
+            listed["items"].as_array().map_or(0, |a| a.len()),
+            count,
+            "{args:?}: {listed}"
+        );
+    }
+
+    // Two containers in the one VM: a long-running one and one that exits non-zero.
+    let main_config = b.container_config(
+        "main",
+        "echo hello from main; echo to stderr >&2; trap 'exit 0' TERM; while true; do sleep 1; done",
+    );
+    let main = c
+        .crictl_ok(&["create", "--no-pull", &pod, &main_config, &pod_config])
+        .trim()
+        .to_owned();
+    let created = c.crictl_json(&["inspect", &main]);
+    assert_eq!(created["status"]["state"], "CONTAINER_CREATED", "{created}");
+    c.crictl_ok(&["start", &main]);
+    let running = b.wait_state(&main, "CONTAINER_RUNNING");
+    assert!(
+        time(&running, "startedAt") >= time(&running, "createdAt"),
+        "{running}"
+    );
+    assert_eq!(running["status"]["labels"]["container"], "main");
+    assert_eq!(running["status"]["annotations"]["kind"], "test");
+    assert_eq!(running["status"]["image"]["image"], "busybox");
+
+    let fail_config = b.container_config("fail", "echo bye; exit 7");
+    let fail = c
+        .crictl_ok(&["create", "--no-pull", &pod, &fail_config, &pod_config])
+        .trim()
+        .to_owned();
+    c.crictl_ok(&["start", &fail]);
+    let exited = b.wait_state(&fail, "CONTAINER_EXITED");
+    assert_eq!(exited["status"]["exitCode"], 7, "{exited}");
+    assert_eq!(exited["status"]["reason"], "Error", "{exited}");
+
+    // ps: both, with their states; filters by state, pod and label.
+    let ps = c.crictl_json(&["ps", "-a"]);
+    assert_eq!(ps["containers"].as_array().unwrap().len(), 2, "{ps}");
+    let running = c.crictl_json(&["ps", "--state", "running"]);
+    assert_eq!(
+        running["containers"].as_array().unwrap().len(),
+        1,
+        "{running}"
+    );
+    assert_eq!(running["containers"][0]["id"], main.as_str());
+    let by_label = c.crictl_json(&["ps", "-a", "--label", "container=fail"]);
+    assert_eq!(by_label["containers"][0]["id"], fail.as_str(), "{by_label}");
+    let by_pod = c.crictl_json(&["ps", "-a", "--pod", &pod]);
+    assert_eq!(by_pod["containers"].as_array().unwrap().len(), 2);
+
+    // exec -s (ExecSync): output, exit code, the pod's hostname and network inside.
+    let out = c.crictl(&["exec", "-s", &main, "sh", "-c", "echo out; echo err >&2"]);
+    // (crictl prints both streams of ExecSync on its stdout.)
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.starts_with("out\n") && printed.contains("err"),
+        "{printed:?}"
+    );
+    // crictl reports a non-zero exit code as a failure naming it, with the stderr.
+    let out = c.crictl(&["exec", "-s", &main, "sh", "-c", "echo bad >&2; exit 3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("exited with 3: bad"), "{err}");
+    assert_eq!(
+        c.crictl_ok(&["exec", "-s", &main, "hostname"]).trim(),
+        "web-host"
+    );
+    let addresses = c.crictl_ok(&["exec", "-s", &main, "ip", "-4", "addr", "show", "eth0"]);
+    assert!(addresses.contains(&format!("inet {ip}/24")), "{addresses}");
+    let routes = c.crictl_ok(&["exec", "-s", &main, "ip", "route"]);
+    assert!(routes.contains("default via 10.89.7.1"), "{routes}");
+    // A timeout kills the command and fails the call.
+    let slow = c.crictl(&["exec", "-s", "--timeout", "2", &main, "sleep", "60"]);
+    assert!(!slow.status.success(), "{slow:?}");
+
+    // Logs: crictl reads the CRI log files; the raw files are in the CRI format.
+    let logs = c.crictl(&["logs", &main]);
+    assert!(logs.status.success(), "{logs:?}");
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hello from main\n");
+    // (crictl's own warnings go to stderr too.)
+    let stderr: String = String::from_utf8_lossy(&logs.stderr)
+        .lines()
+        .filter(|l| !l.contains("level=warning"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(stderr, "to stderr\n");
+    let raw = std::fs::read_to_string(b.path("logs/web/main/0.log")).unwrap();
+    let first = raw.lines().next().unwrap();
+    let fields: Vec<&str> = first.splitn(4, ' ').collect();
+    assert!(
+        fields[0].ends_with('Z') && fields[0].contains('T'),
+        "{first}"
+    );
+    assert_eq!(&fields[1..], ["stdout", "F", "hello from main"], "{raw}");
+    assert_eq!(
+        String::from_utf8_lossy(&c.crictl(&["logs", &fail]).stdout),
+        "bye\n"
+    );
+    // ReopenContainerLog: after a rotation the output goes to the new file.
+    std::fs::rename(
+        b.path("logs/web/main/0.log"),
+        b.path("logs/web/main/0.log.1"),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(async {
+            c.runtime()
+                .await
+                .reopen_container_log(cri::ReopenContainerLogRequest {
+                    container_id: main.clone(),
+                })
+                .await
+        })
+        .unwrap();
+    assert!(b.path("logs/web/main/0.log").exists());
+
+    // stop (SIGTERM handled: exit 0, Completed), rm.
+    c.crictl_ok(&["stop", "--timeout", "20", &main]);
+    let stopped = b.wait_state(&main, "CONTAINER_EXITED");
+    assert_eq!(stopped["status"]["exitCode"], 0, "{stopped}");
+    assert_eq!(stopped["status"]["reason"], "Completed", "{stopped}");
+    assert!(
+        time(&stopped, "finishedAt") >= time(&stopped, "startedAt"),
+        "{stopped}"
+    );
+    c.crictl_ok(&["rm", &main, &fail]);
+    assert!(c.crictl_json(&["ps", "-a"])["containers"]
+        .as_array()
+        .is_none_or(|a| a.is_empty()));
+
+    c.crictl_ok(&["stopp", &pod]);
+    let status = c.crictl_json(&["inspectp", &pod]);
+    assert_eq!(status["status"]["state"], "SANDBOX_NOTREADY", "{status}");
+    c.crictl_ok(&["stopp", &pod]); // again: fine
+    c.crictl_ok(&["rmp", &pod]);
+    assert!(c.crictl_json(&["pods"])["items"]
+        .as_array()
+        .is_none_or(|a| a.is_empty()));
+    b.assert_clean(&pod);
+}
+
+#[test]
+fn a_restarted_crx_cri_finds_its_pods_and_a_dead_vmm_is_notready() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let mut b = PodBench::new("crx-cri-restart", "crxcri1", "10.89.8");
+    let pod_config = b.pod_config("db");
+    let pod = b.cri.crictl_ok(&["runp", &pod_config]).trim().to_owned();
+    println!("crx-vm-boot: crictl runp (pod {pod}, crx-cri then restarted)");
+    let config = b.container_config("sleeper", "sleep 3600");
+    let sleeper = b
+        .cri
+        .crictl_ok(&["create", "--no-pull", &pod, &config, &pod_config])
+        .trim()
+        .to_owned();
+    b.cri.crictl_ok(&["start", &sleeper]);
+    b.wait_state(&sleeper, "CONTAINER_RUNNING");
+
+    // crx-cri restarts with the same state directory: the pod, its container, exec.
+    assert!(
+        b.cri.stop(),
+        "crx-cri did not exit cleanly:\n{}",
+        b.cri.log()
+    );
+    let socket = b.cri.socket.clone();
+    let store = b.cri.store.clone();
+    let config_text = std::fs::read_to_string(b.path("cri/config.toml")).unwrap();
+    let config_text = config_text.split_once('\n').unwrap().1.to_owned();
+    b.cri = CriServer::start(&b.path("cri"), &socket, &store, &config_text);
+    let status = b.cri.crictl_json(&["inspectp", &pod]);
+    assert_eq!(status["status"]["state"], "SANDBOX_READY", "{status}");
+    b.wait_state(&sleeper, "CONTAINER_RUNNING");
+    assert_eq!(
+        b.cri
+            .crictl_ok(&["exec", "-s", &sleeper, "echo", "still here"])
+            .trim(),
+        "still here"
+    );
+
+    // The VMM dies: the pod is NOTREADY, its container exited; removal still cleans up.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(b.path("cri/state/sandboxes").join(&pod).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let vmm = rustix::process::Pid::from_raw(state["vmm_pid"].as_i64().unwrap() as i32).unwrap();
+    rustix::process::kill_process(vmm, rustix::process::Signal::KILL).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = b.cri.crictl_json(&["inspectp", &pod]);
+        if status["status"]["state"] == "SANDBOX_NOTREADY" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    b.wait_state(&sleeper, "CONTAINER_EXITED");
+    b.cri.crictl_ok(&["stopp", &pod]);
+    b.cri.crictl_ok(&["rmp", &pod]);
+    b.assert_clean(&pod);
 }

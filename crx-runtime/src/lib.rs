@@ -4,10 +4,13 @@
 //! - [`sandbox`]: one `crx-vmm` process per pod VM, its state directory, start/stop/remove.
 //! - [`network`]: pod networking: network namespace, CNI, the tap joined to the CNI interface.
 //! - [`spec`]: a container's OCI runtime spec from the image's run config and overrides.
-//! - [`pod`]: a one-container pod: image lease, rootfs share, sandbox, container.
+//! - [`pod`]: pods and their containers: image leases, root filesystems, the agent's
+//!   containers, stopping them, exit codes.
+//! - [`share`]: the container share of a pod VM with several containers.
 
 pub mod agent;
 pub mod network;
 pub mod pod;
 pub mod sandbox;
+pub mod share;
 pub mod spec;

@@ -1,18 +1,25 @@
-//! A pod with one container, as `crx run` makes it: the image leased in the store (so it cannot
-//! be removed underneath), its root filesystem shared read-only into a new sandbox VM over
-//! virtio-fs (the agent puts a writable overlay on top inside the guest), the container
-//! created from the image's run config and the caller's overrides. Removing the pod stops the
-//! VM, removes the sandbox directory and releases the lease.
+//! Pods and their containers. A pod with one container, as `crx run` makes it: the image
+//! leased in the store (so it cannot be removed underneath), its root filesystem shared
+//! read-only into a new sandbox VM over virtio-fs (the agent puts a writable overlay on top
+//! inside the guest), the container created from the image's run config and the caller's
+//! overrides; removing the pod stops the VM, removes the sandbox directory and releases the
+//! lease. A pod of several containers, as the CRI makes it: a sandbox with the container share
+//! ([`crate::share`]), each container added while the VM runs ([`add_container`]: its image
+//! leased, its root mounted into the share, the container created by the agent) and removed
+//! the same way back ([`remove_container`]). Stopping a container (SIGTERM, SIGKILL after a
+//! grace period) and exit codes are shared by both.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crx_agent_proto::Rootfs;
+use crx_agent_proto::{ContainerState, ExitKind, ExitStatus, Rootfs};
 use crx_image::{ImageRecord, Store};
+use oci_spec::runtime::Spec;
 
 use crate::agent::{AgentClient, AgentError};
 use crate::sandbox::{Sandbox, SandboxConfig, SandboxError, Share};
+use crate::share::{self, ShareError, CONTAINERS_TAG};
 use crate::spec::{container_spec, ProcessOverrides, SpecError};
 
 /// The virtio-fs tag of the image root filesystem in a pod VM.
@@ -38,6 +45,10 @@ pub enum PodError {
         #[source]
         source: AgentError,
     },
+    #[error("pod {0} has no container share")]
+    NoShare(String),
+    #[error(transparent)]
+    Share(#[from] ShareError),
 }
 
 /// What to make.
@@ -77,10 +88,7 @@ pub fn create_pod(
     request: &PodRequest,
 ) -> Result<Pod, PodError> {
     crate::sandbox::check_id(&request.id)?;
-    let rootfs = store
-        .rootfs(image)
-        .ok_or_else(|| PodError::EmptyImage(image.name.clone()))?;
-    let spec = container_spec(&rootfs, &store.run_config(image)?, &request.process)?;
+    let (rootfs, spec) = image_spec(store, image, &request.process)?;
     store.lease(&image.name, &request.id)?;
     let mut sandbox = None;
     let made = (|| {
@@ -107,6 +115,7 @@ pub fn create_pod(
                 (COMMAND_LABEL.to_owned(), command),
             ]),
             network: None,
+            container_share: false,
         };
         let started = sandbox.insert(Sandbox::start(run_root, &config)?);
         let mut agent = started.agent(Instant::now() + request.boot_timeout)?;
@@ -158,4 +167,132 @@ pub fn remove_pod(
     removed?;
     released?;
     Ok(())
+}
+
+/// The unpacked root filesystem of `image` and the spec of a container of it.
+fn image_spec(
+    store: &Store,
+    image: &ImageRecord,
+    process: &ProcessOverrides,
+) -> Result<(PathBuf, Spec), PodError> {
+    let rootfs = store
+        .rootfs(image)
+        .ok_or_else(|| PodError::EmptyImage(image.name.clone()))?;
+    let spec = container_spec(&rootfs, &store.run_config(image)?, process)?;
+    Ok((rootfs, spec))
+}
+
+/// Adds container `id` of `image` to a running sandbox that has the container share: leases
+/// the image as `lease`, mounts its root into the share and has the agent create the
+/// container (not started). On failure nothing of it is left.
+pub fn add_container(
+    sandbox: &Sandbox,
+    agent: &mut AgentClient,
+    store: &Store,
+    image: &ImageRecord,
+    id: &str,
+    lease: &str,
+    process: &ProcessOverrides,
+) -> Result<(), PodError> {
+    crate::sandbox::check_id(id)?;
+    let share = sandbox
+        .state()
+        .container_share
+        .clone()
+        .ok_or_else(|| PodError::NoShare(sandbox.id().to_owned()))?;
+    let (rootfs, spec) = image_spec(store, image, process)?;
+    store.lease(&image.name, lease)?;
+    let made = share::attach(&share, id, &rootfs)
+        .map_err(PodError::from)
+        .and_then(|()| {
+            let rootfs = Rootfs {
+                fs_tag: CONTAINERS_TAG.into(),
+                path: id.into(),
+            };
+            agent
+                .create_container(id, rootfs, &spec, process.terminal)
+                .map_err(|source| PodError::Agent {
+                    id: sandbox.id().to_owned(),
+                    source,
+                })
+        });
+    if let Err(e) = made {
+        let _ = share::detach(&share, id);
+        let _ = store.release(lease);
+        return Err(e);
+    }
+    tracing::info!(pod = %sandbox.id(), id, image = %image.name, "container created");
+    Ok(())
+}
+
+/// Removes container `id` from its sandbox: the agent's container (when the VM still runs,
+/// `agent` is its client), its root in the share, its image lease `lease`. Repeatable.
+pub fn remove_container(
+    sandbox: &Sandbox,
+    agent: Option<&mut AgentClient>,
+    store: &Store,
+    id: &str,
+    lease: &str,
+) -> Result<(), PodError> {
+    if let Some(agent) = agent {
+        match agent.remove_container(id) {
+            Err(e) if e.code() != Some(crx_agent_proto::ErrorCode::NotFound) => {
+                return Err(PodError::Agent {
+                    id: sandbox.id().to_owned(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    if let Some(share) = &sandbox.state().container_share {
+        share::detach(share, id)?;
+    }
+    match store.release(lease) {
+        Err(crx_image::Error::LeaseNotFound(_)) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Stops the main process of container `id`: SIGTERM, then SIGKILL once `grace` has passed.
+/// Returns once it no longer runs (or the agent stopped answering).
+pub fn stop_container(agent: &mut AgentClient, id: &str, grace: Duration) {
+    let running = |agent: &mut AgentClient| {
+        agent
+            .list_containers()
+            .map(|list| {
+                list.iter()
+                    .any(|c| c.container_id == id && c.state() == ContainerState::Running)
+            })
+            .unwrap_or(false)
+    };
+    let wait = |agent: &mut AgentClient, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !running(agent) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    if !grace.is_zero() {
+        let _ = agent.signal_process(id, "", libc::SIGTERM);
+        if wait(agent, grace) {
+            return;
+        }
+    }
+    let _ = agent.signal_process(id, "", libc::SIGKILL);
+    wait(agent, Duration::from_secs(30));
+}
+
+/// The shell's view of an exit status: the code, or 128 + the signal; 255 when unknown.
+pub fn exit_code(status: &ExitStatus) -> i32 {
+    match status.status {
+        Some(ExitKind::Code(code)) => code,
+        Some(ExitKind::Signal(signal)) => 128 + signal,
+        None => 255,
+    }
 }

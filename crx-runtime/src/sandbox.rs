@@ -5,10 +5,12 @@
 //! Layout, all under `<run root>/sandboxes/<id>/` (mode 0700, root's alone): `state.json`,
 //! `vsock` (the hybrid-vsock socket; guest ports are reached with `CONNECT <port>`),
 //! `console.log` (the guest console), `vmm.log` (the VMM's own output) and virtiofsd's
-//! vhost-user sockets. A sandbox owns nothing on the host outside that directory and its
-//! processes (the VMM, and virtiofsd children that die with it, `PR_SET_PDEATHSIG`), except
-//! its pod network when it has one: a network namespace and what CNI made for it, recorded in
-//! the state and torn down on removal (see [`crate::network`]).
+//! vhost-user sockets, and for a sandbox of several containers the container share
+//! (`containers/`, see [`crate::share`]). A sandbox owns nothing on the host outside that
+//! directory and its processes (the VMM, and virtiofsd children that die with it,
+//! `PR_SET_PDEATHSIG`), except its pod network when it has one: a network namespace and what
+//! CNI made for it, recorded in the state and torn down when the network is released or the
+//! sandbox removed (see [`crate::network`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,6 +28,7 @@ use crx_agent_proto::{ConfigureSandbox, Dns, Interface};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::network::{self, NetworkConfig, NetworkError, NetworkState};
+use crate::share::{self, ShareError, CONTAINERS_TAG};
 
 /// Where sandboxes live unless configured otherwise.
 pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
@@ -33,6 +36,11 @@ pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
 pub const GUEST_CID: u32 = 3;
 /// The agent binary in CRX's initrd, booted as PID 1.
 pub const AGENT_INIT: &str = "/bin/crx-agent";
+/// Longest Unix socket path (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Room kept for the names of sockets in a sandbox directory (`vsock_<port>`, virtiofsd's
+/// `crx-virtiofs-<pid>-<n>.sock.pid`).
+const SOCKET_NAME_ROOM: usize = 40;
 
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +49,8 @@ pub enum SandboxError {
     InvalidId(String),
     #[error("sandbox {0} already exists")]
     Exists(String),
+    #[error("sandbox directory {0} is too long for the Unix sockets in it: use a shorter run root or id")]
+    PathTooLong(PathBuf),
     #[error("no sandbox {0}")]
     NotFound(String),
     #[error("{what} {path}: {source}")]
@@ -70,6 +80,12 @@ pub enum SandboxError {
     },
     #[error("the guest of sandbox {id} could not apply: {skipped}")]
     Configure { id: String, skipped: String },
+    #[error("the container share of sandbox {id}: {source}")]
+    Share {
+        id: String,
+        #[source]
+        source: ShareError,
+    },
 }
 
 impl SandboxError {
@@ -106,6 +122,9 @@ pub struct SandboxConfig {
     pub labels: BTreeMap<String, String>,
     /// A pod network (CNI) for the VM's one network interface; `None`: no network device.
     pub network: Option<NetworkConfig>,
+    /// Whether the VM gets the container share ([`crate::share`], tag
+    /// [`CONTAINERS_TAG`]), into which containers' roots are mounted while it runs.
+    pub container_share: bool,
 }
 
 /// What the guest as a whole gets besides its network (see [`Sandbox::configure`]).
@@ -132,6 +151,9 @@ pub struct SandboxState {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkState>,
+    /// The container share's host directory, when the sandbox has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_share: Option<PathBuf>,
 }
 
 /// One sandbox: its directory, its state and, in the process that started it, the VMM child.
@@ -172,6 +194,9 @@ impl Sandbox {
             .create(&parent)
             .map_err(SandboxError::io("cannot create", &parent))?;
         let dir = parent.join(&config.id);
+        if dir.as_os_str().len() + 1 + SOCKET_NAME_ROOM > MAX_SOCKET_PATH {
+            return Err(SandboxError::PathTooLong(dir));
+        }
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -183,18 +208,45 @@ impl Sandbox {
             id: config.id.clone(),
             source,
         };
+        let share_error = |source| SandboxError::Share {
+            id: config.id.clone(),
+            source,
+        };
+        let container_share = if config.container_share {
+            match share::create(&dir) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(share_error(e));
+                }
+            }
+        } else {
+            None
+        };
+        // Undoes the share; the directory is only deleted once nothing is mounted in it.
+        let undo_share = || match &container_share {
+            Some(path) => match share::remove(path) {
+                Ok(()) => {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                Err(e) => tracing::warn!(id = %config.id, "{}", share_error(e)),
+            },
+            None => {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        };
         let network = match &config.network {
             Some(net) => match network::setup(net, &config.id) {
                 Ok(attached) => Some(attached),
                 Err(e) => {
-                    let _ = fs::remove_dir_all(&dir);
+                    undo_share();
                     return Err(network_error(e));
                 }
             },
             None => None,
         };
         let network_state = network.as_ref().map(|(state, _)| state.clone());
-        match Self::spawn(&dir, config, network) {
+        match Self::spawn(&dir, config, network, container_share.clone()) {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Some(state) = network_state {
@@ -202,7 +254,7 @@ impl Sandbox {
                         tracing::warn!(id = %config.id, "{}", network_error(undo));
                     }
                 }
-                let _ = fs::remove_dir_all(&dir);
+                undo_share();
                 Err(e)
             }
         }
@@ -213,6 +265,7 @@ impl Sandbox {
         dir: &Path,
         config: &SandboxConfig,
         network: Option<(NetworkState, OwnedFd)>,
+        container_share: Option<PathBuf>,
     ) -> Result<Sandbox, SandboxError> {
         let log_path = dir.join("vmm.log");
         let log =
@@ -242,6 +295,10 @@ impl Sandbox {
             let ro = if share.read_only { ",ro" } else { "" };
             cmd.arg("--fs")
                 .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
+        }
+        if let Some(share) = &container_share {
+            cmd.arg("--fs")
+                .arg(format!("{CONTAINERS_TAG}={},ro", share.display()));
         }
         let (network, tap) = network.unzip();
         if let (Some(state), Some(tap)) = (&network, &tap) {
@@ -281,6 +338,7 @@ impl Sandbox {
             shares: config.shares.clone(),
             labels: config.labels.clone(),
             network,
+            container_share,
         };
         let mut sandbox = Sandbox {
             dir: dir.to_owned(),
@@ -375,6 +433,24 @@ impl Sandbox {
 
     pub fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// Hands the VMM child (in the process that started it) to a thread that waits for it, so
+    /// a long-lived caller such as the CRI server leaves no zombie when the VM ends; the
+    /// sandbox then follows the VMM by its recorded pid like any later process does.
+    pub fn reap_in_background(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let id = self.state.id.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vmm-reaper".into())
+                .spawn(move || match child.wait() {
+                    Ok(status) => tracing::info!(id, %status, "sandbox VMM exited"),
+                    Err(e) => tracing::warn!(id, "waiting for the sandbox VMM: {e}"),
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a thread to reap a VMM: {e}");
+            }
+        }
     }
 
     /// Whether the VMM process still runs.
@@ -497,13 +573,28 @@ impl Sandbox {
         }
     }
 
-    /// Stops the VM (killing it after `grace`) and removes everything the sandbox had on the
-    /// host: its pod network first (when that fails the state stays, so removal can be
-    /// retried), then its directory.
-    pub fn remove(mut self, grace: Duration) -> Result<(), SandboxError> {
-        self.stop(grace);
+    /// Tears down the pod network of a stopped sandbox (CNI DEL, the namespace) and records
+    /// that it has none any more. Nothing to tear down is fine.
+    pub fn release_network(&mut self) -> Result<(), SandboxError> {
         if let Some(state) = &self.state.network {
             network::teardown(state).map_err(|source| SandboxError::Network {
+                id: self.state.id.clone(),
+                source,
+            })?;
+            self.state.network = None;
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the VM (killing it after `grace`) and removes everything the sandbox had on the
+    /// host: its pod network first (when that fails the state stays, so removal can be
+    /// retried), then the container share's mounts, then its directory.
+    pub fn remove(mut self, grace: Duration) -> Result<(), SandboxError> {
+        self.stop(grace);
+        self.release_network()?;
+        if let Some(path) = &self.state.container_share {
+            share::remove(path).map_err(|source| SandboxError::Share {
                 id: self.state.id.clone(),
                 source,
             })?;
@@ -574,6 +665,7 @@ mod tests {
             vmm: root.path().join("no-such-vmm"),
             labels: BTreeMap::new(),
             network: None,
+            container_share: false,
         };
         let err = Sandbox::start(root.path(), &config).unwrap_err();
         assert!(matches!(err, SandboxError::Spawn { .. }), "{err}");

@@ -41,6 +41,8 @@ pub enum SpecError {
 /// The caller's side of a container: empty fields keep what the image says.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessOverrides {
+    /// Replaces the image's Entrypoint; the image's Cmd then goes too (Kubernetes' `command`).
+    pub entrypoint: Option<Vec<String>>,
     /// Replaces the image's Cmd (its Entrypoint stays, as with `docker run IMAGE ARGS`).
     pub args: Vec<String>,
     /// `KEY=VALUE`, added to (or replacing keys of) the image's environment.
@@ -54,6 +56,15 @@ pub struct ProcessOverrides {
     pub memory_limit: Option<i64>,
 }
 
+/// The environment of an exec'd process: `env`, with the default `PATH` first unless `env`
+/// has its own.
+pub fn exec_env(mut env: Vec<String>) -> Vec<String> {
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.into());
+    }
+    env
+}
+
 /// The spec for a container of the image with run config `image` whose root filesystem is the
 /// host directory `rootfs`.
 pub fn container_spec(
@@ -61,11 +72,14 @@ pub fn container_spec(
     image: &RunConfig,
     overrides: &ProcessOverrides,
 ) -> Result<Spec, SpecError> {
-    let mut args = image.entrypoint.clone();
-    if overrides.args.is_empty() {
-        args.extend(image.cmd.iter().cloned());
-    } else {
+    let mut args = overrides
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
+    if !overrides.args.is_empty() {
         args.extend(overrides.args.iter().cloned());
+    } else if overrides.entrypoint.is_none() {
+        args.extend(image.cmd.iter().cloned());
     }
     if args.is_empty() {
         return Err(SpecError::NoCommand);
@@ -270,6 +284,7 @@ mod tests {
         assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
 
         let overrides = ProcessOverrides {
+            entrypoint: None,
             args: vec!["debug".into()],
             env: vec!["MODE=dev".into()],
             cwd: Some("/tmp".into()),
@@ -289,6 +304,25 @@ mod tests {
         assert_eq!(spec.hostname().as_deref(), Some("pod"));
         let limit = spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
         assert_eq!(limit.memory().as_ref().unwrap().limit(), Some(64 << 20));
+
+        // Kubernetes' command replaces the entrypoint and drops the image's Cmd; its args
+        // follow.
+        let command = |entrypoint: &[&str], args: &[&str]| {
+            let overrides = ProcessOverrides {
+                entrypoint: Some(entrypoint.iter().map(|s| s.to_string()).collect()),
+                args: args.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            let spec = container_spec(root.path(), &image(), &overrides).unwrap();
+            spec.process().as_ref().unwrap().args().clone().unwrap()
+        };
+        assert_eq!(command(&["sh"], &[]), ["sh"]);
+        assert_eq!(command(&["sh"], &["-c", "x"]), ["sh", "-c", "x"]);
+        assert_eq!(
+            exec_env(vec!["A=1".into()]),
+            [DEFAULT_PATH.to_string(), "A=1".into()]
+        );
+        assert_eq!(exec_env(vec!["PATH=/x".into()]), ["PATH=/x"]);
     }
 
     #[test]

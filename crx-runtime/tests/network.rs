@@ -295,6 +295,7 @@ fn sandbox_config(id: &str, net: &TestNetwork, rootfs: Option<PathBuf>) -> Sandb
         vmm: vmm_binary(),
         labels: BTreeMap::new(),
         network: Some(net.config()),
+        container_share: false,
     }
 }
 

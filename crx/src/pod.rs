@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crx_agent_proto::{ExecProcess, ExitKind, ExitStatus};
+use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_image::{ImageRecord, Store};
 use crx_runtime::agent::{Output, StdioAttachment};
-use crx_runtime::pod::{create_pod, remove_pod, PodRequest, COMMAND_LABEL, IMAGE_LABEL};
+use crx_runtime::pod::{
+    create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
+};
 use crx_runtime::sandbox::{Sandbox, DEFAULT_RUN_ROOT};
 use crx_runtime::spec::ProcessOverrides;
 
@@ -184,6 +186,7 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
         initrd: args.initrd.clone(),
         vmm: vmm_binary()?,
         process: ProcessOverrides {
+            entrypoint: None,
             args: args.command.clone(),
             env: args.env.clone(),
             cwd: args.workdir.clone(),
@@ -275,11 +278,7 @@ fn exit_code(id: &str, status: &ExitStatus) -> i32 {
     if status.oom_killed {
         eprintln!("crx: container {id} was OOM-killed (its memory limit was reached)");
     }
-    match status.status {
-        Some(ExitKind::Code(code)) => code,
-        Some(ExitKind::Signal(signal)) => 128 + signal,
-        None => 255,
-    }
+    crx_runtime::pod::exit_code(status)
 }
 
 /// Streams one process's stdio to this terminal until it exits: stdout and stderr to ours,
@@ -386,13 +385,7 @@ fn exec(
     anyhow::ensure!(sandbox.is_running(), "container {id} is not running");
     let mut agent = sandbox.agent(Instant::now() + BOOT_TIMEOUT)?;
     let exec_id = generated_id();
-    let mut env = env;
-    if !env.iter().any(|e| e.starts_with("PATH=")) {
-        env.insert(
-            0,
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        );
-    }
+    let env = crx_runtime::spec::exec_env(env);
     agent
         .exec_process(ExecProcess {
             container_id: id.into(),
@@ -448,29 +441,7 @@ fn stop(run_root: &Path, id: &str, grace: Duration) -> anyhow::Result<()> {
     let mut sandbox = Sandbox::open(run_root, id)?;
     if sandbox.is_running() {
         let mut agent = sandbox.agent(Instant::now() + Duration::from_secs(10))?;
-        let _ = agent.signal_process(id, "", libc::SIGTERM);
-        let deadline = Instant::now() + grace;
-        let exited = loop {
-            let running = agent
-                .list_containers()
-                .map(|list| {
-                    list.iter().any(|c| {
-                        c.container_id == id
-                            && c.state() == crx_agent_proto::ContainerState::Running
-                    })
-                })
-                .unwrap_or(false);
-            if !running {
-                break true;
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if !exited {
-            let _ = agent.signal_process(id, "", libc::SIGKILL);
-        }
+        stop_container(&mut agent, id, grace);
         sandbox.stop(Duration::from_secs(10));
     }
     println!("{id}");

@@ -144,7 +144,7 @@ impl CriServer {
             .arg(self.endpoint())
             .arg("--image-endpoint")
             .arg(self.endpoint())
-            .args(["--timeout", "60s"])
+            .args(["--timeout", "300s"])
             .args(args)
             .stdin(Stdio::null())
             .output()
