@@ -16,7 +16,8 @@
 //!   the command retried once.
 //! - **VM tests** call [`vm_test_here!`] (or [`run_vm_test_here`]) first: on standard KVM the body
 //!   runs here, otherwise the same test runs in the test host, alone in its process, ended as
-//!   hung after `CRX_VM_TEST_TIMEOUT_SECS` (1500). Each command runs in its own cgroup, and what
+//!   hung after `CRX_VM_TEST_TIMEOUT_SECS` (900); a failure (not a hang) gets one retry, and a
+//!   pass on it is printed as FLAKY. Each command runs in its own cgroup, and what
 //!   it leaves running is killed (and named in its stderr) when it ends.
 //!
 //! Settings come from the environment: see [`settings`].
