@@ -65,12 +65,21 @@ pub fn run_vm_test_here(test_name: &str) -> bool {
     // has rare faults of its own), never for a hang: the first failure stays in the output.
     for attempt in 1..=2 {
         let mut printer = LinePrinter::default();
-        let status = host
-            .run_with(&invocation, &mut |stream, bytes| {
-                printer.push(stream, bytes)
-            })
-            .unwrap_or_else(|e| panic!("VM test {test_name} could not run in the test host: {e}"));
+        let ran = host.run_with(&invocation, &mut |stream, bytes| {
+            printer.push(stream, bytes)
+        });
         printer.finish();
+        let status = match ran {
+            Ok(status) => status,
+            // The L1 stopped answering (and was checked or restarted): the test gets its retry.
+            Err(e) if attempt == 1 => {
+                println!(
+                    "VM test {test_name} could not run in the test host: {e}; running it once more"
+                );
+                continue;
+            }
+            Err(e) => panic!("VM test {test_name} could not run in the test host: {e}"),
+        };
         if status.success() {
             if !printer.ran_one_test {
                 panic!(
