@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+log() { printf "\033[1msetup:\033[0m [%4d s] %s\n" "$SECONDS" "$*" >&2; }
 
 [[ $(id -u) == 0 ]] || { log "run as root (it installs packages and /usr/local/share/crx)"; exit 1; }
 command -v cargo >/dev/null || { log "cargo (Rust toolchain) is required"; exit 1; }
@@ -46,6 +46,18 @@ cargo_tool() { # CRATE [BINARY]
 }
 cargo_tool cargo-fuzz
 cargo_tool virtiofsd  # virtio-fs devices start it (PATH or ~/.cargo/bin)
+
+# critest's stand-in images (cri-tools' bench.sh) need Debian's *dynamic* busybox package, which
+# conflicts with busybox-static: fetched, hash-checked, to an absolute path (`apt-get download`
+# writes to the working directory, which a sandboxed CI can make unresolvable).
+debs=/var/cache/crx/debs
+if ! compgen -G "$debs/busybox_*.deb" >/dev/null; then
+    log "downloading Debian's busybox package (critest's images) into $debs"
+    mkdir -p "$debs"
+    read -r uri name _size hash < <(apt-get download --print-uris busybox | tr -d "'")
+    [[ $hash == SHA256:* ]] || { log "apt-get download --print-uris busybox gave no SHA256"; exit 1; }
+    /usr/lib/apt/apt-helper download-file "$uri" "$debs/${name//%3a/:}" "$hash"
+fi
 
 log "building the workspace (release)"
 cargo build --release --workspace --bins

@@ -63,12 +63,13 @@ fn standin_registry_storage() -> PathBuf {
     let build = Command::new(base.join("images/build-images.sh"))
         .arg("push")
         .env("REG", reg.addr())
+        .env("BBDEB", busybox_deb())
         .current_dir(&base)
         .output()
         .expect("run build-images.sh");
     assert!(
         build.status.success(),
-        "bench.sh's build-images.sh failed (it needs gcc, libc6-dev, python3, skopeo and `apt-get download busybox`):\n{}\n{}",
+        "bench.sh's build-images.sh failed (it needs gcc, libc6-dev, python3 and skopeo):\n{}\n{}",
         String::from_utf8_lossy(&build.stdout),
         String::from_utf8_lossy(&build.stderr)
     );
@@ -76,6 +77,28 @@ fn standin_registry_storage() -> PathBuf {
     std::fs::rename(work.path().join("reg/data"), &data).unwrap();
     std::fs::write(&done, b"").unwrap();
     data
+}
+
+/// Debian's dynamic busybox package, which setup.sh downloads (bench.sh's base layer is made
+/// from it).
+fn busybox_deb() -> PathBuf {
+    let dir = Path::new("/var/cache/crx/debs");
+    std::fs::read_dir(dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("busybox_") && name.ends_with(".deb")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no busybox_*.deb in {} (setup.sh downloads Debian's busybox package there)",
+                dir.display()
+            )
+        })
 }
 
 /// One critest run against a fresh crx-cri (empty store, the stand-in registry behind its

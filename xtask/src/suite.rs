@@ -1,11 +1,17 @@
-//! `cargo xtask test`: the whole test suite. Runs `cargo test --workspace` (VM tests boot real
-//! guests, inside the test host where /dev/kvm is PVM), checks that the benches build, counts the
-//! guest boots the VM tests reported, repeats every failure's panic message at the end (where a
-//! log's tail shows it), stops the test host, and runs the fuzz targets (60 s in all).
+//! `cargo xtask test`: the whole test suite. Runs `cargo test --release --workspace` (VM tests
+//! boot real guests, inside the test host where /dev/kvm is PVM), checks that the benches build,
+//! counts the guest boots the VM tests reported, repeats every failure's panic message at the end
+//! (where a log's tail shows it), stops the test host, and runs the fuzz targets (60 s in all).
+//!
+//! Release, because setup.sh has already built the workspace so (the `bench` profile that
+//! `cargo test --release` and `cargo bench` use shares its artifacts with `release`), and
+//! because the VM tests' host side runs under TCG in the test host, where unoptimised code is
+//! several times slower. Each phase's wall time is printed, for CI logs.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 
@@ -13,11 +19,25 @@ use anyhow::{bail, Context};
 const BOOT_MARKER: &str = "crx-vm-boot:";
 
 pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
     crate::cargo(&["build", "--release", "-p", "crx", "-p", "crx-vmm"])?;
     crate::cargo(&["bench", "--workspace", "--no-run"])?;
+    crate::cargo(&["test", "--release", "--workspace", "--no-run"])?;
+    println!(
+        "xtask test: builds took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 
+    let testing = Instant::now();
     let mut child = Command::new(crate::cargo_bin())
-        .args(["test", "--workspace", "--no-fail-fast", "--", "--nocapture"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--nocapture",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -50,8 +70,9 @@ pub fn run() -> anyhow::Result<()> {
     let status = child.wait().context("waiting for cargo test")?;
     let stopped = crx_testhost::TestHost::stop().unwrap_or(false);
     println!(
-        "xtask test: {boots} guest boots on KVM{}",
-        if stopped { " (test host stopped)" } else { "" }
+        "xtask test: {boots} guest boots on KVM{}; the tests took {:.0} s",
+        if stopped { " (test host stopped)" } else { "" },
+        testing.elapsed().as_secs_f64()
     );
     if !status.success() {
         panics.print();
@@ -60,7 +81,14 @@ pub fn run() -> anyhow::Result<()> {
     if boots == 0 {
         bail!("the VM tests booted no guest");
     }
-    crate::fuzz::run(crate::fuzz::FuzzArgs::suite())
+    let fuzzing = Instant::now();
+    crate::fuzz::run(crate::fuzz::FuzzArgs::suite())?;
+    println!(
+        "xtask test: fuzzing took {:.0} s; {:.0} s in all",
+        fuzzing.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Sends `pipe`'s lines (lossy UTF-8) on a thread, tagged with which stream they came from.
