@@ -10,6 +10,7 @@ mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use base64::Engine as _;
+use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
 use crx_test_support::Registry;
 use k8s_cri::v1 as cri;
 use support::{build_busybox, socket_dir, CriServer};
@@ -443,7 +444,6 @@ async fn malformed_and_unimplemented_requests() {
 }
 
 /// CNI plugins: Debian's containernetworking-plugins.
-const CNI_BIN: &str = "/usr/lib/cni";
 
 /// A crx-cri whose store holds the bundled busybox and whose pods join a CNI bridge network of
 /// the test's own (bridge `bridge`, addresses from `<prefix>.0/24`), everything under one
@@ -458,17 +458,6 @@ struct PodBench {
 
 impl PodBench {
     fn new(network: &str, bridge: &str, prefix: &str) -> PodBench {
-        for plugin in ["bridge", "host-local", "loopback"] {
-            assert!(
-                std::path::Path::new(CNI_BIN).join(plugin).exists(),
-                "{CNI_BIN}/{plugin} is missing (Debian package containernetworking-plugins)"
-            );
-        }
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", bridge])
-            .output();
-        let _ =
-            std::fs::remove_dir_all(std::path::Path::new("/var/lib/cni/networks").join(network));
         // Short: the sandbox sockets under it must fit a Unix socket path.
         let dir = tempfile::Builder::new()
             .prefix("cx")
@@ -480,30 +469,13 @@ impl PodBench {
             crx_image::Store::open(&store_root, crx_image::RegistryConfig::default()).unwrap();
         store.import(&layout, None).unwrap();
         let conf_dir = dir.path().join("net.d");
-        std::fs::create_dir_all(&conf_dir).unwrap();
-        let conflist = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": network,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": bridge,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": format!("{prefix}.0/24"), "gateway": format!("{prefix}.1")}]],
-                        "routes": [{"dst": "0.0.0.0/0"}]
-                    }
-                },
-                {"type": "loopback"}
-            ]
-        });
-        std::fs::write(
-            conf_dir.join("10-test.conflist"),
-            serde_json::to_vec_pretty(&conflist).unwrap(),
-        )
-        .unwrap();
+        BridgeNetwork {
+            name: network,
+            bridge,
+            prefix,
+            dns: None,
+        }
+        .write(&conf_dir);
         let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_crx-cri")).with_file_name("crx-vmm");
         assert!(
             vmm.exists(),

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
 use crx_test_support::Registry;
 use support::{cri_tool, cri_tools, CriServer};
 
@@ -130,16 +131,13 @@ fn run_critest(focus: &str, skip: Option<&str>, runtime_config: &str) -> Critest
         .collect();
     // A CNI bridge network (NetworkReady; the pods of the runtime groups join it).
     let net_d = tmp.path().join("net.d");
-    std::fs::create_dir_all(&net_d).unwrap();
-    let _ = Command::new("ip")
-        .args(["link", "del", "crxcritest0"])
-        .output();
-    let _ = std::fs::remove_dir_all("/var/lib/cni/networks/critest");
-    std::fs::write(
-        net_d.join("10-critest.conflist"),
-        r#"{"cniVersion": "1.0.0", "name": "critest", "plugins": [{"type": "bridge", "bridge": "crxcritest0", "isGateway": true, "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.9.0/24", "gateway": "10.89.9.1"}]], "routes": [{"dst": "0.0.0.0/0"}]}}, {"type": "loopback"}]}"#,
-    )
-    .unwrap();
+    BridgeNetwork {
+        name: "critest",
+        bridge: "crxcritest0",
+        prefix: "10.89.9",
+        dns: None,
+    }
+    .write(&net_d);
     // Short: the sandbox sockets under it must fit a Unix socket path.
     let sockets = tempfile::Builder::new()
         .prefix("cx")
@@ -150,7 +148,7 @@ fn run_critest(focus: &str, skip: Option<&str>, runtime_config: &str) -> Critest
         &sockets.path().join("crx.sock"),
         &tmp.path().join("store"), // empty, as critest needs
         &format!(
-            "{runtime_config}[network]\ncni_conf_dir = {net_d:?}\ncni_bin_dirs = [\"/usr/lib/cni\"]\n[image.mirrors]\n{mirrors}"
+            "{runtime_config}[network]\ncni_conf_dir = {net_d:?}\ncni_bin_dirs = [{CNI_BIN:?}]\n[image.mirrors]\n{mirrors}"
         ),
     );
 

@@ -22,10 +22,10 @@ use crx_runtime::agent::{AgentClient, StdioAttachment};
 use crx_runtime::network::{self, NetworkConfig};
 use crx_runtime::sandbox::{GuestSettings, Sandbox, SandboxConfig, Share};
 use crx_runtime::spec::{container_spec, ProcessOverrides};
+use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
 
 /// The test host is slow (TCG): generous, but a hang still fails.
 const WAIT: Duration = Duration::from_secs(300);
-const CNI_BIN: &str = "/usr/lib/cni";
 
 /// A CNI network of the test's own: a bridge with the gateway address in the test host's root
 /// namespace, host-local addresses from `<prefix>.0/24`, loopback chained after the bridge.
@@ -40,43 +40,18 @@ impl TestNetwork {
     /// The network for pod `id`, with whatever an earlier failed run of the test left (in the
     /// same test host) removed first.
     fn new(scratch: &Path, id: &str, name: &str, bridge: &str, prefix: &str) -> TestNetwork {
-        for plugin in ["bridge", "host-local", "loopback"] {
-            assert!(
-                Path::new(CNI_BIN).join(plugin).exists(),
-                "{CNI_BIN}/{plugin} is missing (Debian package containernetworking-plugins)"
-            );
-        }
         let _ = Command::new("ip")
             .args(["netns", "del", &network::netns_name(id)])
             .output();
-        let _ = Command::new("ip").args(["link", "del", bridge]).output();
-        let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(name));
         let conf_dir = scratch.join("net.d");
-        std::fs::create_dir_all(&conf_dir).unwrap();
-        let conflist = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": name,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": bridge,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": format!("{prefix}.0/24"), "gateway": format!("{prefix}.1")}]],
-                        "routes": [{"dst": "0.0.0.0/0"}]
-                    },
-                    "dns": {"nameservers": [format!("{prefix}.53")], "search": ["pods.test"]}
-                },
-                {"type": "loopback"}
-            ]
-        });
-        std::fs::write(
-            conf_dir.join("10-test.conflist"),
-            serde_json::to_vec_pretty(&conflist).unwrap(),
-        )
-        .unwrap();
+        let nameserver = format!("{prefix}.53");
+        BridgeNetwork {
+            name,
+            bridge,
+            prefix,
+            dns: Some((&[nameserver.as_str()], &["pods.test"])),
+        }
+        .write(&conf_dir);
         TestNetwork {
             name: name.into(),
             bridge: bridge.into(),

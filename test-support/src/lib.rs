@@ -1,8 +1,9 @@
 //! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
 //! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
 //! by hand ([`layout`]), the bundled busybox image built as an OCI layout, pushes with
-//! `skopeo`, and a throttling TCP proxy ([`proxy`]).
+//! `skopeo`, a throttling TCP proxy ([`proxy`]) and CNI bridge networks ([`cni`]).
 
+pub mod cni;
 pub mod layout;
 pub mod proxy;
 
