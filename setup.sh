@@ -34,6 +34,14 @@ if [[ -w $thp ]] && ! grep -q '\[advise\]\|\[always\]\|\[within_size\]' "$thp"; 
     echo advise >"$thp" || log "cannot set $thp: guest RAM stays on 4 KiB pages"
 fi
 
+# The guest kernel (cached by content) builds in the background while the Rust builds below run:
+# both use every core, but each leaves some idle (link steps, serial make stages) that the
+# other fills. `cargo xtask guest` below finds it in the cache.
+kernel_log=$(mktemp /tmp/crx-setup-kernel.XXXXXX)
+log "building the guest kernel in the background (log: $kernel_log)"
+guest-kernel/build.sh >"$kernel_log" 2>&1 &
+kernel_build=$!
+
 # Rust tools from crates.io, installed unless present.
 cargo_tool() { # CRATE [BINARY]
     local crate=$1 bin=${2:-$1}
@@ -61,7 +69,14 @@ fi
 
 log "building the workspace (release)"
 cargo build --release --workspace --bins
-log "building the default guest (kernel + initrd; cached)"
+log "waiting for the guest kernel build"
+if ! wait "$kernel_build"; then
+    tail -n 40 "$kernel_log" >&2
+    log "the guest kernel build failed (log: $kernel_log)"
+    exit 1
+fi
+rm -f "$kernel_log"
+log "building the default guest (kernel from the cache + initrd)"
 cargo xtask guest
 log "building the bundled busybox image and importing it into the image store"
 images/build-busybox.sh /usr/local/share/crx/images/busybox

@@ -20,7 +20,9 @@ const BOOT_MARKER: &str = "crx-vm-boot:";
 
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
-    crate::cargo(&["build", "--release", "-p", "crx", "-p", "crx-vmm"])?;
+    // The whole workspace, as setup.sh builds it: a build of fewer packages unifies features
+    // differently and recompiles their dependencies.
+    crate::cargo(&["build", "--release", "--workspace", "--bins"])?;
     crate::cargo(&["bench", "--workspace", "--no-run"])?;
     crate::cargo(&["test", "--release", "--workspace", "--no-run"])?;
     println!(

@@ -316,7 +316,6 @@ impl Agent {
             namespaces: vec![
                 (ns("mnt")?, CloneFlags::CLONE_NEWNS),
                 (ns("uts")?, CloneFlags::CLONE_NEWUTS),
-                (ns("ipc")?, CloneFlags::CLONE_NEWIPC),
             ],
         };
         let procs = container
@@ -364,7 +363,12 @@ impl Agent {
             .pid()
             .filter(|&pid| self.reaper.status(pid).is_none())
             .ok_or_else(|| fail(ErrorCode::InvalidState, "process is not running"))?;
-        kill(pid, signal).map_err(|e| io_fail("kill")(e.into()))
+        let sent = if req.exec_id.is_empty() {
+            crate::init_signal::send(pid, signal) // PID 1 of the container's pid namespace
+        } else {
+            kill(pid, signal)
+        };
+        sent.map_err(|e| io_fail("kill")(e.into()))
     }
 
     pub fn resize(&self, req: &proto::ResizeTerminal) -> Result<()> {
@@ -588,9 +592,14 @@ fn rlimit_resource(typ: PosixRlimitType) -> Result<libc::__rlimit_resource_t> {
     })
 }
 
+/// The VM's resolver configuration, written by ConfigureSandbox from the pod's DNS.
+const SANDBOX_RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// The spec's mounts as the child performs them, targets under `rootfs`. File systems this
 /// kernel lacks (e.g. `mqueue`) are skipped with a console note; `cgroup` means cgroup2 (the
-/// guest has no v1).
+/// guest has no v1). When the sandbox has a resolver configuration and the spec mounts none,
+/// the container gets it bound at `/etc/resolv.conf` (as containerd gives every container its
+/// sandbox's).
 fn plan_mounts(spec: &Spec, rootfs: &Path) -> Result<Vec<MountPlan>> {
     let supported = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let supported: HashSet<&str> = supported
@@ -642,6 +651,26 @@ fn plan_mounts(spec: &Spec, rootfs: &Path) -> Result<Vec<MountPlan>> {
             target,
             flags,
             data: data.join(","),
+        });
+    }
+    let resolv_conf_mounted = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .any(|m| m.destination() == Path::new(SANDBOX_RESOLV_CONF));
+    let target = rootfs.join(relative_path(SANDBOX_RESOLV_CONF)?);
+    // An image's symlink there (e.g. to a systemd-resolved stub) stays as it is.
+    let symlink = target.symlink_metadata().is_ok_and(|m| m.is_symlink());
+    if !resolv_conf_mounted && !symlink && Path::new(SANDBOX_RESOLV_CONF).is_file() {
+        plans.push(MountPlan {
+            file: true,
+            bind_readonly: false,
+            dev: false,
+            fstype: None,
+            source: Some(SANDBOX_RESOLV_CONF.into()),
+            target,
+            flags: MsFlags::MS_BIND,
+            data: String::new(),
         });
     }
     Ok(plans)

@@ -3,8 +3,9 @@
 //!
 //! A container's main process: the spawning thread first `unshare(CLONE_NEWPID)`s itself (a
 //! thread's own pid namespace for children), so the child is PID 1 of a new pid namespace; the
-//! child joins the container's cgroup, unshares mount, UTS and IPC namespaces (the network
-//! namespace is the VM's: one pod, one network), makes every mount private, sets the hostname,
+//! child joins the container's cgroup, unshares mount and UTS namespaces (the network and IPC
+//! namespaces are the VM's: a pod's containers share them, as Kubernetes pods do, and the pod's
+//! network and IPC sysctls apply to them), makes every mount private, sets the hostname,
 //! mounts the spec's mounts inside the rootfs (plus the default devices on a `/dev` tmpfs), and
 //! switches root. The agent runs from the initramfs, where `pivot_root` is refused (the
 //! initramfs is the absolute root), so the child first `chroot("/run")` (a tmpfs mount, which
@@ -89,7 +90,7 @@ pub enum Target {
         mounts: Vec<MountPlan>,
         readonly_root: bool,
     },
-    /// An existing container: its init's pid namespace, and mount, UTS, IPC namespaces.
+    /// An existing container: its init's pid namespace, and mount and UTS namespaces.
     Existing {
         pid_ns: OwnedFd,
         namespaces: Vec<(OwnedFd, CloneFlags)>,
@@ -347,7 +348,7 @@ fn new_root(
     mounts: &[MountPlan],
     readonly_root: bool,
 ) -> io::Result<()> {
-    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
     unshare(flags).map_err(|e| context("unshare", e.into()))?;
     mount(
         None::<&str>,

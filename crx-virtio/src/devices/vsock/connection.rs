@@ -174,6 +174,11 @@ impl Connection {
         Ok(())
     }
 
+    /// Guest bytes held for the host socket, not yet written to it.
+    pub fn undelivered(&self) -> usize {
+        self.to_host.len() - self.reply_bytes
+    }
+
     /// The guest asked for our buffer state.
     pub fn on_credit_request(&mut self) {
         self.owed.credit_update = true;
@@ -216,7 +221,7 @@ impl Connection {
             return Err(ConnError::Unexpected(Op::Rw, self.state));
         }
         let len = payload.len();
-        let held = (self.to_host.len() - self.reply_bytes) as u64;
+        let held = self.undelivered() as u64;
         let room = u64::from(CONN_BUF_ALLOC).saturating_sub(held);
         if len > room {
             return Err(ConnError::Overrun { sent: len, room });

@@ -150,6 +150,15 @@ impl Muxer {
                 Ok(())
             }
             Some(Op::Rst) => {
+                if conn.undelivered() > 0 {
+                    tracing::warn!(
+                        "vsock: the guest reset connection {}:{} with {} of its bytes not yet \
+                         taken by the host socket; they are dropped",
+                        key.local_port,
+                        key.peer_port,
+                        conn.undelivered()
+                    );
+                }
                 self.close(key);
                 return Ok(());
             }
@@ -170,7 +179,8 @@ impl Muxer {
                 return Err(m);
             }
             Err(e) => {
-                tracing::debug!(
+                // Worth seeing (a lost stream shows up here), and at most once per connection.
+                tracing::warn!(
                     "vsock: connection {}:{} reset: {e}",
                     key.local_port,
                     key.peer_port
