@@ -34,7 +34,7 @@ const MAX_EXEC_OUTPUT: usize = 8 << 20;
 
 impl Runtime {
     /// The running sandbox of pod `pod` and a client of its agent.
-    fn agent_of(&self, pod: &str) -> Result<(Sandbox, AgentClient), Status> {
+    pub(crate) fn agent_of(&self, pod: &str) -> Result<(Sandbox, AgentClient), Status> {
         let mut sandbox = self.live_sandbox(pod).ok_or_else(|| {
             Status::failed_precondition(format!("pod sandbox {pod} is not running"))
         })?;
@@ -44,7 +44,8 @@ impl Runtime {
         Ok((sandbox, agent))
     }
 
-    fn container(&self, id: &str) -> Result<ContainerRecord, Status> {
+    /// The record of the container named by `id` or a unique prefix of it.
+    pub(crate) fn container(&self, id: &str) -> Result<ContainerRecord, Status> {
         let records = self.records();
         let id = records.container_id(id)?;
         Ok(records.containers[&id].clone())
@@ -452,9 +453,13 @@ impl Runtime {
         records
             .containers
             .values()
-            .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
             .filter(|c| {
-                filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id)
+                container_matches(
+                    c,
+                    &filter.id,
+                    &filter.pod_sandbox_id,
+                    &filter.label_selector,
+                )
             })
             .filter(|c| {
                 filter
@@ -462,7 +467,6 @@ impl Runtime {
                     .as_ref()
                     .is_none_or(|s| s.state == container_state(c) as i32)
             })
-            .filter(|c| labels_match(&c.labels, &filter.label_selector))
             .map(|c| cri::Container {
                 id: c.id.clone(),
                 pod_sandbox_id: c.pod_id.clone(),
@@ -610,7 +614,20 @@ fn container_state(record: &ContainerRecord) -> cri::ContainerState {
     }
 }
 
-fn container_metadata(record: &ContainerRecord) -> cri::ContainerMetadata {
+/// Whether container `record` passes a CRI filter: its ID and pod ID start with `id` and
+/// `pod` (empty: any), its labels include `labels`.
+pub(crate) fn container_matches(
+    record: &ContainerRecord,
+    id: &str,
+    pod: &str,
+    labels: &HashMap<String, String>,
+) -> bool {
+    record.id.starts_with(id)
+        && record.pod_id.starts_with(pod)
+        && labels_match(&record.labels, labels)
+}
+
+pub(crate) fn container_metadata(record: &ContainerRecord) -> cri::ContainerMetadata {
     cri::ContainerMetadata {
         name: record.name.clone(),
         attempt: record.attempt,

@@ -14,6 +14,7 @@ mod pods;
 mod records;
 mod runtime_service;
 mod server;
+mod stats;
 
 use std::path::PathBuf;
 

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::cri_log::ContainerLog;
 use crate::errors::sandbox_status;
 use crate::records::{new_id, now_ns, ContainerState, PodRecord, Records};
+use crate::stats::CpuSamples;
 
 /// Memory a pod VM needs besides its containers' limits (kernel, agent, page cache).
 const VM_OVERHEAD_MIB: u32 = 64;
@@ -38,6 +39,8 @@ pub struct Runtime {
     records: Mutex<Records>,
     /// Open log files of running containers, by container ID.
     pub logs: Mutex<HashMap<String, Arc<ContainerLog>>>,
+    /// The previous CPU sample of each container and pod, for the stats' CPU rate.
+    pub cpu_samples: CpuSamples,
 }
 
 impl Runtime {
@@ -49,6 +52,7 @@ impl Runtime {
             store,
             records: Mutex::new(records),
             logs: Mutex::default(),
+            cpu_samples: CpuSamples::default(),
         });
         runtime.recover();
         Ok(runtime)
@@ -403,8 +407,7 @@ impl Runtime {
         let filter = filter.unwrap_or_default();
         let pods: Vec<PodRecord> = self.records().pods.values().cloned().collect();
         pods.into_iter()
-            .filter(|p| filter.id.is_empty() || p.id.starts_with(&filter.id))
-            .filter(|p| labels_match(&p.labels, &filter.label_selector))
+            .filter(|p| pod_matches(p, &filter.id, &filter.label_selector))
             .filter_map(|p| {
                 let state = pod_state(self.pod_ready(&p));
                 if let Some(want) = &filter.state {
@@ -434,13 +437,19 @@ fn pod_state(ready: bool) -> cri::PodSandboxState {
     }
 }
 
-fn pod_metadata(record: &PodRecord) -> cri::PodSandboxMetadata {
+pub(crate) fn pod_metadata(record: &PodRecord) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
         name: record.name.clone(),
         uid: record.uid.clone(),
         namespace: record.namespace.clone(),
         attempt: record.attempt,
     }
+}
+
+/// Whether pod `record` passes a CRI filter: its ID starts with `id` (empty: any), its labels
+/// include `labels`.
+pub(crate) fn pod_matches(record: &PodRecord, id: &str, labels: &HashMap<String, String>) -> bool {
+    record.id.starts_with(id) && labels_match(&record.labels, labels)
 }
 
 /// Whether `labels` has every key and value of `selector`.

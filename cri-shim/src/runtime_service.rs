@@ -1,11 +1,14 @@
 //! The CRI RuntimeService: Version, Status, the pod sandbox calls ([`crate::pods`]), the
-//! container calls and ExecSync ([`crate::containers`]). Those block, so they run on the
-//! blocking pool. The calls not built yet (streaming Exec/Attach/PortForward, stats, resource
-//! updates, checkpoints, events) answer Unimplemented, naming themselves: each implemented call
-//! moves from the `not_built` list of [`runtime_service!`] to its `implemented` block.
+//! container calls and ExecSync ([`crate::containers`]), the stats calls ([`crate::stats`]);
+//! those block, so they run on the blocking pool. ListMetricDescriptors and
+//! ListPodSandboxMetrics answer empty lists (no metrics beyond the stats), RuntimeConfig the
+//! cgroupfs driver, UpdateRuntimeConfig keeps the pod CIDR. The calls not built yet (streaming
+//! Exec/Attach/PortForward, resource updates, checkpoints, events) answer Unimplemented, naming
+//! themselves: each implemented call moves from the `not_built` list of [`runtime_service!`] to
+//! its `implemented` block.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
@@ -26,6 +29,9 @@ pub const RUNTIME_NAME: &str = "crx";
 pub struct RuntimeService {
     config: Config,
     runtime: Arc<Runtime>,
+    /// The pod CIDR kubelet last gave in UpdateRuntimeConfig. Only kept and logged: the CNI
+    /// plugins take their address ranges from their own configuration.
+    pod_cidr: Mutex<String>,
 }
 
 impl RuntimeService {
@@ -33,6 +39,7 @@ impl RuntimeService {
         RuntimeService {
             config: runtime.config.clone(),
             runtime,
+            pod_cidr: Mutex::default(),
         }
     }
 
@@ -293,6 +300,102 @@ runtime_service! {
                 .await
         }
 
+        async fn container_stats(
+            &self,
+            request: Request<cri::ContainerStatsRequest>,
+        ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+            let id = request.into_inner().container_id;
+            self.blocking(move |r| {
+                r.container_stats(&id)
+                    .map(|stats| cri::ContainerStatsResponse { stats: Some(stats) })
+            })
+            .await
+        }
+
+        async fn list_container_stats(
+            &self,
+            request: Request<cri::ListContainerStatsRequest>,
+        ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+            let filter = request.into_inner().filter;
+            self.blocking(move |r| {
+                Ok(cri::ListContainerStatsResponse { stats: r.list_container_stats(filter) })
+            })
+            .await
+        }
+
+        async fn pod_sandbox_stats(
+            &self,
+            request: Request<cri::PodSandboxStatsRequest>,
+        ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            self.blocking(move |r| {
+                r.pod_sandbox_stats(&id)
+                    .map(|stats| cri::PodSandboxStatsResponse { stats: Some(stats) })
+            })
+            .await
+        }
+
+        async fn list_pod_sandbox_stats(
+            &self,
+            request: Request<cri::ListPodSandboxStatsRequest>,
+        ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+            let filter = request.into_inner().filter;
+            self.blocking(move |r| {
+                Ok(cri::ListPodSandboxStatsResponse { stats: r.list_pod_sandbox_stats(filter) })
+            })
+            .await
+        }
+
+        async fn list_metric_descriptors(
+            &self,
+            _: Request<cri::ListMetricDescriptorsRequest>,
+        ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+            Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: Vec::new() }))
+        }
+
+        async fn list_pod_sandbox_metrics(
+            &self,
+            _: Request<cri::ListPodSandboxMetricsRequest>,
+        ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+            Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics: Vec::new() }))
+        }
+
+        async fn update_runtime_config(
+            &self,
+            request: Request<cri::UpdateRuntimeConfigRequest>,
+        ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+            let cidr = request
+                .into_inner()
+                .runtime_config
+                .and_then(|c| c.network_config)
+                .map(|n| n.pod_cidr)
+                .unwrap_or_default();
+            // An empty CIDR leaves the one kept (as the CRI asks).
+            if !cidr.is_empty() {
+                let mut kept = self.pod_cidr.lock().unwrap_or_else(|e| e.into_inner());
+                if *kept != cidr {
+                    tracing::info!(
+                        pod_cidr = %cidr,
+                        "pod CIDR updated (the CNI configuration decides the pod addresses)"
+                    );
+                    *kept = cidr;
+                }
+            }
+            Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+        }
+
+        async fn runtime_config(
+            &self,
+            _: Request<cri::RuntimeConfigRequest>,
+        ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+            // The containers' cgroups are the agent's, in the pod VM, on cgroupfs.
+            Ok(Response::new(cri::RuntimeConfigResponse {
+                linux: Some(cri::LinuxRuntimeConfiguration {
+                    cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+                }),
+            }))
+        }
+
         type GetContainerEventsStream = tonic::codegen::BoxStream<cri::ContainerEventResponse>;
 
         async fn get_container_events(
@@ -307,14 +410,6 @@ runtime_service! {
         exec: ExecRequest -> ExecResponse,
         attach: AttachRequest -> AttachResponse,
         port_forward: PortForwardRequest -> PortForwardResponse,
-        container_stats: ContainerStatsRequest -> ContainerStatsResponse,
-        list_container_stats: ListContainerStatsRequest -> ListContainerStatsResponse,
-        pod_sandbox_stats: PodSandboxStatsRequest -> PodSandboxStatsResponse,
-        list_pod_sandbox_stats: ListPodSandboxStatsRequest -> ListPodSandboxStatsResponse,
-        update_runtime_config: UpdateRuntimeConfigRequest -> UpdateRuntimeConfigResponse,
         checkpoint_container: CheckpointContainerRequest -> CheckpointContainerResponse,
-        list_metric_descriptors: ListMetricDescriptorsRequest -> ListMetricDescriptorsResponse,
-        list_pod_sandbox_metrics: ListPodSandboxMetricsRequest -> ListPodSandboxMetricsResponse,
-        runtime_config: RuntimeConfigRequest -> RuntimeConfigResponse,
     }
 }

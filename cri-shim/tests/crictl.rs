@@ -3,7 +3,8 @@
 //! bundled busybox known as `busybox`; malformed requests, idempotent removal, unimplemented
 //! calls and the socket's life, through a gRPC client. In VMs (the test host): pods and
 //! containers end to end (runp, create, start, exec -s, logs, inspect, ps, pods, stop, rm,
-//! stopp, rmp, nothing left behind), exit codes and reasons, a restarted crx-cri and a dead VMM.
+//! stopp, rmp, nothing left behind), exit codes and reasons, a restarted crx-cri and a dead VMM,
+//! stats of containers and pod VMs (stats, statsp, runtime-config, update-runtime-config).
 
 mod support;
 
@@ -443,7 +444,7 @@ async fn malformed_and_unimplemented_requests() {
     assert!(server.log().contains("SIGTERM: stopping"));
 }
 
-/// CNI plugins: Debian's containernetworking-plugins.
+// CNI plugins: Debian's containernetworking-plugins.
 
 /// A crx-cri whose store holds the bundled busybox and whose pods join a CNI bridge network of
 /// the test's own (bridge `bridge`, addresses from `<prefix>.0/24`), everything under one
@@ -887,5 +888,219 @@ fn a_restarted_crx_cri_finds_its_pods_and_a_dead_vmm_is_notready() {
     b.wait_state(&sleeper, "CONTAINER_EXITED");
     b.cri.crictl_ok(&["stopp", &pod]);
     b.cri.crictl_ok(&["rmp", &pod]);
+    b.assert_clean(&pod);
+}
+
+/// The number at `path` (`/`-separated keys) in `v`: crictl prints the CRI's uint64 as strings.
+fn number(v: &serde_json::Value, path: &str) -> u64 {
+    let at = path.split('/').fold(v, |at, key| &at[key]);
+    match at {
+        serde_json::Value::String(s) => s.parse().unwrap_or_else(|e| panic!("{path}: {e}: {v}")),
+        serde_json::Value::Number(n) => n.as_u64().unwrap(),
+        _ => panic!("no number at {path} in {v}"),
+    }
+}
+
+#[test]
+fn crictl_stats_show_containers_and_pod_vms() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let b = PodBench::new("crx-cri-stats", "crxcri2", "10.89.10");
+    let c = &b.cri;
+
+    // RuntimeConfig: cgroupfs (the agent's cgroups in the VM); UpdateRuntimeConfig: the pod
+    // CIDR is taken (and logged).
+    let config = c.crictl_ok(&["runtime-config"]);
+    assert!(config.contains("CGROUPFS"), "{config}");
+    c.crictl_ok(&["update-runtime-config", "--pod-cidr", "10.89.10.0/24"]);
+    assert!(c.log().contains("10.89.10.0/24"), "{}", c.log());
+
+    let pod_config = b.pod_config("stats");
+    let pod = c.crictl_ok(&["runp", &pod_config]).trim().to_owned();
+    println!("crx-vm-boot: crictl runp (pod {pod}, stats)");
+    let create = |name: &str, script: &str| {
+        let config = b.container_config(name, script);
+        c.crictl_ok(&["create", "--no-pull", &pod, &config, &pod_config])
+            .trim()
+            .to_owned()
+    };
+    // One container holds 20 MB (dd's block, stuck writing into a pipe nobody reads) and
+    // burns CPU; one exits at once; one is only created.
+    let burn = create(
+        "burn",
+        "dd if=/dev/zero bs=20000000 count=1 | sleep 100000 & while :; do :; done",
+    );
+    c.crictl_ok(&["start", &burn]);
+    let done = create("done", "exit 0");
+    c.crictl_ok(&["start", &done]);
+    let idle = create("idle", "sleep 1000");
+    b.wait_state(&burn, "CONTAINER_RUNNING");
+    b.wait_state(&done, "CONTAINER_EXITED");
+
+    let stats = |args: &[&str]| -> Vec<serde_json::Value> {
+        let all: Vec<&str> = ["stats"].iter().chain(args).copied().collect();
+        c.crictl_json(&all)["stats"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let ids = |listed: &[serde_json::Value]| -> Vec<String> {
+        listed
+            .iter()
+            .map(|s| s["attributes"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Only the running container is listed; its memory shows the 20 MB once dd has them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let first = loop {
+        let listed = stats(&["-a"]);
+        assert_eq!(ids(&listed), [burn.as_str()], "{listed:?}");
+        if number(&listed[0], "memory/workingSetBytes/value") > 10 << 20 {
+            break listed[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container never used 10 MiB: {listed:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    println!("container stats: {first}");
+    assert_eq!(first["attributes"]["metadata"]["name"], "burn");
+    assert_eq!(first["attributes"]["labels"]["container"], "burn");
+    assert_eq!(first["attributes"]["annotations"]["kind"], "test");
+    assert!(number(&first, "cpu/timestamp") > 0, "{first}");
+    assert_eq!(
+        number(&first, "memory/usageBytes/value"),
+        number(&first, "memory/workingSetBytes/value")
+    );
+    let cpu = number(&first, "cpu/usageCoreNanoSeconds/value");
+    assert!(cpu > 0, "{first}");
+    // CPU time grows, and there is a rate against the earlier sample.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let second = stats(&[&burn]);
+    assert_eq!(ids(&second), [burn.as_str()], "{second:?}");
+    let later = number(&second[0], "cpu/usageCoreNanoSeconds/value");
+    assert!(later > cpu, "CPU time {cpu} then {later}");
+    assert!(
+        number(&second[0], "cpu/usageNanoCores/value") > 0,
+        "{second:?}"
+    );
+
+    // Filters: pod, label, ID prefix.
+    let other_pod = format!(
+        "{}{}",
+        if pod.starts_with('0') { "1" } else { "0" },
+        &pod[1..]
+    );
+    for (args, listed) in [
+        (vec!["--pod", pod.as_str()], 1),
+        (vec!["--pod", other_pod.as_str()], 0),
+        (vec!["--label", "container=burn"], 1),
+        (vec!["--label", "container=done"], 0),
+        (vec!["--id", &burn[..12]], 1),
+        (vec!["-a", "--id", done.as_str()], 0),
+        (vec!["-a", "--id", idle.as_str()], 0),
+    ] {
+        assert_eq!(stats(&args).len(), listed, "{args:?}");
+    }
+
+    // Pod stats: the VM's CPU time and resident memory, its running container.
+    let statsp = |args: &[&str]| -> Vec<serde_json::Value> {
+        let all: Vec<&str> = ["statsp"].iter().chain(args).copied().collect();
+        c.crictl_json(&all)["stats"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let pods = statsp(&[]);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let p = &pods[0];
+    println!("pod stats: {p}");
+    assert_eq!(p["attributes"]["id"], pod.as_str());
+    assert_eq!(p["attributes"]["metadata"]["name"], "stats");
+    assert_eq!(p["attributes"]["labels"]["app"], "stats");
+    assert_eq!(
+        ids(p["linux"]["containers"].as_array().unwrap()),
+        [burn.as_str()]
+    );
+    assert!(number(p, "linux/cpu/usageCoreNanoSeconds/value") > 0, "{p}");
+    let container_memory = number(&p["linux"]["containers"][0], "memory/workingSetBytes/value");
+    let vm_memory = number(p, "linux/memory/workingSetBytes/value");
+    assert!(
+        vm_memory > container_memory && container_memory > 10 << 20,
+        "VM {vm_memory}, container {container_memory}"
+    );
+    // sh, dd and sleep at least.
+    assert!(number(p, "linux/process/processCount/value") >= 3, "{p}");
+    for (args, listed) in [
+        (vec!["--id", &pod[..12]], 1),
+        (vec!["--id", other_pod.as_str()], 0),
+        (vec!["--label", "app=stats"], 1),
+        (vec!["--label", "app=none"], 0),
+    ] {
+        assert_eq!(statsp(&args).len(), listed, "{args:?}");
+    }
+
+    // The single calls (crictl uses the lists), and the metrics calls: nothing beyond stats.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (running, created, exited, pod_stats, descriptors, metrics) = runtime.block_on(async {
+        let mut client = c.runtime().await;
+        let container = |id: &str| {
+            let request = cri::ContainerStatsRequest {
+                container_id: id.to_owned(),
+            };
+            let mut client = client.clone();
+            async move { client.container_stats(request).await }
+        };
+        let running = container(&burn).await;
+        let created = container(&idle).await;
+        let exited = container(&done).await;
+        let pod_stats = client
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await;
+        let descriptors = client
+            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await;
+        let metrics = client
+            .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await;
+        (running, created, exited, pod_stats, descriptors, metrics)
+    });
+    let running = running.unwrap().into_inner().stats.unwrap();
+    assert_eq!(running.attributes.unwrap().id, burn);
+    assert!(running.cpu.unwrap().usage_core_nano_seconds.unwrap().value > later);
+    let created = created.unwrap().into_inner().stats.unwrap();
+    assert_eq!(created.attributes.unwrap().id, idle);
+    assert_eq!(
+        created.cpu.unwrap().usage_core_nano_seconds.unwrap().value,
+        0
+    );
+    assert_eq!(exited.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let pod_stats = pod_stats.unwrap().into_inner().stats.unwrap();
+    assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+    assert!(descriptors.unwrap().into_inner().descriptors.is_empty());
+    assert!(metrics.unwrap().into_inner().pod_metrics.is_empty());
+
+    // A stopped container is not listed; a stopped pod neither.
+    c.crictl_ok(&["stop", "--timeout", "0", &burn]);
+    b.wait_state(&burn, "CONTAINER_EXITED");
+    assert!(stats(&["-a"]).is_empty());
+    let pods = statsp(&[]);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert!(
+        pods[0]["linux"]["containers"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{pods:?}"
+    );
+    c.crictl_ok(&["stopp", &pod]);
+    assert!(statsp(&[]).is_empty());
+    c.crictl_ok(&["rmp", &pod]);
     b.assert_clean(&pod);
 }
