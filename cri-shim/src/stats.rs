@@ -304,28 +304,15 @@ fn container_stats(
 /// The CPU time (user + system, nanoseconds) and resident memory (bytes) of process `pid`,
 /// from `/proc/<pid>/stat`.
 fn process_usage(pid: u32) -> Option<(u64, u64)> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn parse_stat(stat: &str) -> Option<(u64, u64)> {
-    // The command name (field 2) may hold spaces and parentheses; the fields after it are
-    // plain numbers, the first of them (the state) field 3.
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
-    let ticks = field(14)?.checked_add(field(15)?)?;
-    let pages = field(24)?;
-    // SAFETY: sysconf only reads a configuration value.
-    let (hz, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    let (hz, page_size) = (u64::try_from(hz).ok()?, u64::try_from(page_size).ok()?);
+    let stat = procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .ok()?
+        .stat()
+        .ok()?;
+    let ticks = stat.utime.checked_add(stat.stime)?;
+    let hz = procfs::ticks_per_second().max(1);
     Some((
-        (u128::from(ticks) * 1_000_000_000 / u128::from(hz.max(1))) as u64,
-        pages.saturating_mul(page_size),
+        (u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64,
+        stat.rss.saturating_mul(procfs::page_size()),
     ))
 }
 
@@ -355,21 +342,15 @@ mod tests {
 
     #[test]
     fn process_usage_reads_proc_stat() {
-        // A command name with spaces and parentheses; utime 150 and stime 50 ticks, 10 pages.
-        let stat = "42 (crx (vmm) x) S 1 42 42 0 -1 4194560 100 0 0 0 150 50 0 0 20 0 3 0 \
-                    1000 123456 10 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
-        let (cpu, rss) = parse_stat(stat).unwrap();
-        // SAFETY: sysconf only reads a configuration value.
-        let (hz, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK) as u64,
-                libc::sysconf(libc::_SC_PAGESIZE) as u64,
-            )
-        };
-        assert_eq!(cpu, 200 * 1_000_000_000 / hz);
-        assert_eq!(rss, 10 * page);
-        let (cpu, rss) = process_usage(std::process::id()).unwrap();
-        assert!(cpu > 0 && rss > 0, "{cpu} {rss}");
-        assert_eq!(parse_stat("garbage"), None);
+        let (_, rss) = process_usage(std::process::id()).unwrap();
+        assert!(rss > 0);
+        // CPU time counts in clock ticks: spin until this process has used one.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut spins = 0u64;
+        while process_usage(std::process::id()).unwrap().0 == 0 {
+            assert!(std::time::Instant::now() < give_up, "no CPU time counted");
+            spins = std::hint::black_box(spins.wrapping_add(1));
+        }
+        assert_eq!(process_usage(u32::MAX), None);
     }
 }

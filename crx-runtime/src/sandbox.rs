@@ -607,17 +607,18 @@ impl Sandbox {
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
 fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    Some(proc_stat(pid)?.starttime)
 }
 
 fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
+    proc_stat(pid).is_some_and(|stat| stat.state == 'Z')
+}
+
+fn proc_stat(pid: u32) -> Option<procfs::process::Stat> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .ok()?
+        .stat()
         .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -56,17 +56,11 @@ fn redeliver_once_caught(pid: Pid, started: u64, signal: Signal) {
 }
 
 fn disposition(pid: Pid, signal: Signal) -> Option<Disposition> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let mask = |key: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(key))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-    };
+    let status = process(pid)?.status().ok()?;
     let bit = 1u64 << (signal as i32 - 1);
-    Some(if mask("SigIgn:")? & bit != 0 {
+    Some(if status.sigign & bit != 0 {
         Disposition::Ignored
-    } else if mask("SigCgt:")? & bit != 0 {
+    } else if status.sigcgt & bit != 0 {
         Disposition::Caught
     } else {
         Disposition::Default
@@ -76,10 +70,11 @@ fn disposition(pid: Pid, signal: Signal) -> Option<Disposition> {
 /// The process's start time (clock ticks after boot, `/proc/<pid>/stat` field 22): tells it
 /// apart from a later process given the same pid.
 fn start_time(pid: Pid) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses) start at field 3.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    Some(process(pid)?.stat().ok()?.starttime)
+}
+
+fn process(pid: Pid) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(pid.as_raw()).ok()
 }
 
 #[cfg(test)]
