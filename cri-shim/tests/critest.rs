@@ -41,11 +41,11 @@ fn standin_registry_storage() -> PathBuf {
     let key = crx_image::Digest::of(&script).hex()[..16].to_owned();
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("critest-images-{key}"));
     let data = cache.join("data");
-    let done = cache.join("complete");
-    if done.exists() {
+    // Both critest tests may build at once (one of them in the test host, on the same target
+    // directory): each builds in its own directory and the first rename wins.
+    if data.exists() {
         return data;
     }
-    let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(&cache).unwrap();
     let work = tempfile::tempdir_in(&cache).unwrap();
     let base = work.path().join("bench");
@@ -75,8 +75,9 @@ fn standin_registry_storage() -> PathBuf {
         String::from_utf8_lossy(&build.stderr)
     );
     drop(reg);
-    std::fs::rename(work.path().join("reg/data"), &data).unwrap();
-    std::fs::write(&done, b"").unwrap();
+    if let Err(e) = std::fs::rename(work.path().join("reg/data"), &data) {
+        assert!(data.exists(), "cannot keep the images in {}: {e}", data.display());
+    }
     data
 }
 

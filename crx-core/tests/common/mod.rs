@@ -50,12 +50,26 @@ pub fn run_script(test: &str, config: VmConfig, script: &str) -> VmOutcome {
     outcome
 }
 
-/// The value of the first console line `key=value`.
+/// The value of the first console line `key=value` (a kernel message printed into the same
+/// line before it is skipped). When there is none, the console tail goes to stderr, so the
+/// failing assertion comes with it.
 pub fn console_value<'a>(outcome: &'a VmOutcome, key: &str) -> Option<&'a str> {
     let prefix = format!("{key}=");
-    outcome
-        .console_tail
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-        .map(str::trim)
+    let found = outcome.console_tail.lines().find_map(|line| {
+        line.match_indices(prefix.as_str())
+            .find(|(at, _)| {
+                line[..*at]
+                    .chars()
+                    .last()
+                    .is_none_or(|c| !(c.is_alphanumeric() || c == '-' || c == '_'))
+            })
+            .map(|(at, _)| line[at + prefix.len()..].trim())
+    });
+    if found.is_none() {
+        eprintln!(
+            "no `{prefix}` line on the guest console; its tail:\n{}",
+            outcome.console_tail
+        );
+    }
+    found
 }
