@@ -41,7 +41,8 @@ pub fn serve(agent: &Agent, mut conn: File, listen_us: u64) {
             Err(_) => return,
         };
         if crate::verbose() {
-            eprintln!("crx-agent: request {}: {:?}", request.id, request.kind);
+            let shown = format!("{:?}", request.kind);
+            eprintln!("crx-agent: request {}: {}", request.id, clip(&shown));
         }
         let result = match request.kind {
             Some(Kind::Hello(hello)) if hello.protocol_version == PROTOCOL_VERSION => {
@@ -79,7 +80,7 @@ pub fn serve(agent: &Agent, mut conn: File, listen_us: u64) {
 fn reply(conn: &mut File, id: u64, result: Result<response::Result>) -> bool {
     let result = result.unwrap_or_else(response::Result::Error);
     if crate::verbose() {
-        eprintln!("crx-agent: reply {id}: {result:?}");
+        eprintln!("crx-agent: reply {id}: {}", clip(&format!("{result:?}")));
     }
     write_frame(
         conn,
@@ -120,11 +121,18 @@ fn handle(agent: &Agent, kind: Kind) -> Result<response::Result> {
 
 /// The agent's VmRSS (`/proc/self/status`), bytes; 0 if unreadable.
 fn own_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    procfs::process::Process::myself()
         .ok()
-        .and_then(|status| {
-            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        })
+        .and_then(|me| me.status().ok()?.vmrss)
         .map_or(0, |kib| kib * 1024)
+}
+
+/// A logged request or reply cut to a console line: an OCI spec as a byte list runs to
+/// kilobytes, and every console byte is a VM exit.
+fn clip(shown: &str) -> &str {
+    const MAX: usize = 200;
+    match shown.char_indices().nth(MAX) {
+        Some((at, _)) => &shown[..at],
+        None => shown,
+    }
 }
