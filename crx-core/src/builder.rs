@@ -32,6 +32,9 @@ use crate::{CpuTemplate, Error, THREAD_STACK};
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off \
      8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check";
 
+/// Kernel parameters added to every guest's command line (before its init arguments).
+pub const GUEST_KERNEL_ARGS_ENV: &str = "CRX_GUEST_KERNEL_ARGS";
+
 /// Where setup installs the default guest (`vmlinux`, `initrd.cpio`); CRX_GUEST_DIR overrides it.
 pub fn default_guest_dir() -> PathBuf {
     std::env::var_os("CRX_GUEST_DIR")
@@ -121,14 +124,22 @@ impl VmConfig {
     }
 
     /// The command line the guest gets: `config.cmdline` with a `virtio_mmio.device=` entry per
-    /// device placed before the init arguments.
+    /// device, then the parameters of `CRX_GUEST_KERNEL_ARGS` (set for every guest of a host,
+    /// e.g. by the test host), placed before the init arguments.
     fn kernel_cmdline(&self) -> String {
-        let declared: String = (0..self.devices.len())
+        let mut declared: String = (0..self.devices.len())
             .map(|i| {
                 let (base, irq) = virtio_slot(i);
                 format!(" virtio_mmio.device=4K@{base:#x}:{irq}")
             })
             .collect();
+        if let Some(extra) = std::env::var(GUEST_KERNEL_ARGS_ENV)
+            .ok()
+            .filter(|a| !a.trim().is_empty())
+        {
+            declared.push(' ');
+            declared.push_str(extra.trim());
+        }
         match self.cmdline.find(" -- ") {
             Some(split) => format!(
                 "{}{declared}{}",
