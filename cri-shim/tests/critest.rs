@@ -244,9 +244,9 @@ fn critest_image_and_runtime_info_groups() {
 
 /// critest groups that start pods (each a VM), run in the test host.
 const POD_FOCUS: &str = r"\[k8s\.io\] (PodSandbox|Container|Networking|Multiple Containers)";
-/// What they need that is not built yet: streaming, stats, volumes, the security-context
+/// What they need that is not built yet: streaming, volumes, the security-context
 /// settings the guest does not apply, port mappings.
-const POD_SKIP: &str = r"(?i)(exec|attach|port ?forward|stats|volume|mount|apparmor|selinux|seccomp|benchmark|hostport|host port|port mapping)";
+const POD_SKIP: &str = r"(?i)(exec|attach|port ?forward|volume|mount|apparmor|selinux|seccomp|benchmark|hostport|host port|port mapping)";
 /// Specs of [`POD_FOCUS`] that pass: all 18 that run (critest v1.32 names). "stopping
 /// container" needs a SIGTERM sent right after start (before `top` installs its handler, slow
 /// in the test host) to reach the container's init once it has one; "DNS config" the pod's

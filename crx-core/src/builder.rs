@@ -258,6 +258,7 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
 
     let mut vmm = Vmm {
         vcpu_threads: Vec::with_capacity(vcpus.len()),
+        vcpu_checks: None,
         exit: exit.clone(),
         clock: clock.clone(),
         console_tail,
@@ -267,9 +268,15 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     };
     for vcpu in vcpus {
         // On a failed spawn, dropping `vmm` stops the threads already started.
-        let handle = vcpu.start(buses.clone(), exit.clone(), clock.clone())?;
+        let handle = vcpu.start(
+            buses.clone(),
+            exit.clone(),
+            clock.clone(),
+            vmm.guest_memory.clone(),
+        )?;
         vmm.vcpu_threads.push(handle);
     }
+    vmm.start_vcpu_checks()?;
     Ok(vmm)
 }
 

@@ -181,9 +181,15 @@ pub struct VmOutcome {
 /// The console line a Linux panic starts with.
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 
+/// How often the vCPUs are kicked to check that they can still run (one exit each: nothing
+/// next to a guest's own exits).
+const VCPU_CHECK_PERIOD: Duration = Duration::from_secs(5);
+
 /// A running microVM. Dropping it without [`Vmm::wait`] stops it too.
 pub struct Vmm {
     pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    /// Kicks the vCPUs out of KVM_RUN now and then, so each checks it can still run.
+    pub(crate) vcpu_checks: Option<JoinHandle<()>>,
     pub(crate) exit: Arc<ExitLatch>,
     pub(crate) clock: Arc<BootClock>,
     pub(crate) console_tail: ConsoleTail,
@@ -249,10 +255,41 @@ impl Vmm {
         }
     }
 
+    /// Starts the thread that kicks every vCPU each [`VCPU_CHECK_PERIOD`] until the VM ends (a
+    /// vCPU wedged inside KVM never exits by itself; kicked, it checks its state).
+    pub(crate) fn start_vcpu_checks(&mut self) -> Result<(), crate::Error> {
+        let threads: Vec<libc::pthread_t> = self
+            .vcpu_threads
+            .iter()
+            .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+            .collect();
+        let exit = Arc::clone(&self.exit);
+        let checks = std::thread::Builder::new()
+            .name("crx-vcpu-checks".into())
+            .spawn(move || {
+                while !exit.wait(Some(VCPU_CHECK_PERIOD)) {
+                    for &thread in &threads {
+                        // SAFETY: the vCPU threads are joined only after this thread (see
+                        // `stop_vcpus`), so each pthread_t still names a thread (maybe ended,
+                        // which pthread_kill reports without harm).
+                        unsafe { libc::pthread_kill(thread, kick_signal()) };
+                    }
+                }
+            })
+            .map_err(crate::Error::VcpuThread)?;
+        self.vcpu_checks = Some(checks);
+        Ok(())
+    }
+
     /// Kicks every vCPU thread out of KVM_RUN until it has seen the exit, then joins it; then
     /// stops the device event loop.
     fn stop_vcpus(&mut self) {
         self.exit.request(VmExit::StoppedByHost);
+        if let Some(checks) = self.vcpu_checks.take() {
+            if checks.join().is_err() {
+                tracing::error!("the vCPU check thread panicked");
+            }
+        }
         for handle in self.vcpu_threads.drain(..) {
             while !handle.is_finished() {
                 if let Err(e) = handle.kill(kick_signal()) {

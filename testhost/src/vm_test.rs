@@ -193,8 +193,13 @@ struct LinePrinter {
 }
 
 /// What a guest hit by the test host's nested-SVM fault prints (see
-/// [`TESTHOST_GUEST_KERNEL_ARGS`]): a triple fault reported by the VMM, or the guest's RCU stall.
-const EMULATOR_FAULT_SIGNS: &[&str] = &["triple fault", "detected stalls on CPUs"];
+/// [`TESTHOST_GUEST_KERNEL_ARGS`]): a triple fault or a vCPU whose page tables left guest memory,
+/// as the VMM reports them, or the guest's RCU stall.
+const EMULATOR_FAULT_SIGNS: &[&str] = &[
+    "triple fault",
+    "are outside guest memory",
+    "detected stalls on CPUs",
+];
 
 impl LinePrinter {
     fn push(&mut self, stream: Stream, bytes: &[u8]) {

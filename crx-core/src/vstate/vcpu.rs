@@ -7,7 +7,7 @@ use kvm_bindings::{
     kvm_sregs, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::x86_64::boot::LoadedKernel;
 use crate::arch::x86_64::{cpuid, regs};
@@ -17,6 +17,10 @@ use crate::{Error, THREAD_STACK};
 
 /// KVM_INTERNAL_ERROR_EMULATION: KVM met an instruction it cannot emulate.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// CR0.PG: paging is on.
+const X86_CR0_PG: u64 = 1 << 31;
+/// The page-table base address bits of CR3 (the rest are flags or a PCID).
+const CR3_TABLES_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
@@ -121,15 +125,16 @@ impl Vcpu {
         buses: Arc<Buses>,
         exit: Arc<ExitLatch>,
         clock: Arc<BootClock>,
+        mem: GuestMemoryMmap,
     ) -> Result<std::thread::JoinHandle<()>, Error> {
         std::thread::Builder::new()
             .name(format!("crx-vcpu-{}", self.index))
             .stack_size(THREAD_STACK)
-            .spawn(move || self.run(&buses, &exit, &clock))
+            .spawn(move || self.run(&buses, &exit, &clock, &mem))
             .map_err(Error::VcpuThread)
     }
 
-    fn run(mut self, buses: &Buses, exit: &ExitLatch, clock: &BootClock) {
+    fn run(mut self, buses: &Buses, exit: &ExitLatch, clock: &BootClock, mem: &GuestMemoryMmap) {
         // Whatever ends this thread (even a panic) ends the VM.
         struct EndsVm<'a>(&'a ExitLatch, u8);
         impl Drop for EndsVm<'_> {
@@ -145,14 +150,14 @@ impl Vcpu {
             clock.mark_first_instruction();
         }
         while !exit.is_requested() {
-            if let Some(ending) = self.run_once(buses) {
+            if let Some(ending) = self.run_once(buses, mem) {
                 exit.request(ending);
             }
         }
     }
 
     /// One KVM_RUN; returns how the VM ends if this exit ends it.
-    fn run_once(&mut self, buses: &Buses) -> Option<VmExit> {
+    fn run_once(&mut self, buses: &Buses, mem: &GuestMemoryMmap) -> Option<VmExit> {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -208,12 +213,36 @@ impl Vcpu {
                 vcpu: index,
                 detail: format!("unhandled KVM exit {other:?}"),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            // A kick: the VMM is stopping the vCPU, or checking that it can still run.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.check_can_run(mem)
+            }
             Err(e) => Some(VmExit::VcpuError {
                 vcpu: index,
                 detail: format!("KVM_RUN failed: {e}"),
             }),
         }
+    }
+
+    /// A vCPU with paging on and its page tables (CR3) outside guest memory can never run again:
+    /// each instruction fetch faults walking tables nothing backs, and so does the fault's
+    /// delivery, inside KVM, without an exit. No guest does this; QEMU's emulated SVM does it to
+    /// a nested guest by resuming it with the host's own state (RIP in kvm_amd, CR3 a host page
+    /// table). The VM is ended instead of spinning.
+    fn check_can_run(&self, mem: &GuestMemoryMmap) -> Option<VmExit> {
+        let sregs = self.fd.get_sregs().ok()?;
+        let tables = GuestAddress(sregs.cr3 & CR3_TABLES_MASK);
+        if sregs.cr0 & X86_CR0_PG == 0 || mem.address_in_range(tables) {
+            return None;
+        }
+        Some(VmExit::VcpuError {
+            vcpu: self.index,
+            detail: format!(
+                "cannot run: its page tables (CR3 {:#x}) are outside guest memory, RIP {:#x}",
+                sregs.cr3,
+                self.rip()
+            ),
+        })
     }
 
     fn rip(&self) -> u64 {
