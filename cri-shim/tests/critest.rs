@@ -247,7 +247,7 @@ const POD_FOCUS: &str = r"\[k8s\.io\] (PodSandbox|Container|Networking|Multiple 
 /// What they need that is not built yet: streaming, volumes, the security-context
 /// settings the guest does not apply, port mappings.
 const POD_SKIP: &str = r"(?i)(exec|attach|port ?forward|volume|mount|apparmor|selinux|seccomp|benchmark|hostport|host port|port mapping)";
-/// Specs of [`POD_FOCUS`] that pass: all 18 that run (critest v1.32 names). "stopping
+/// Specs of [`POD_FOCUS`] that pass: all 23 that run (critest v1.32 names). "stopping
 /// container" needs a SIGTERM sent right after start (before `top` installs its handler, slow
 /// in the test host) to reach the container's init once it has one; "DNS config" the pod's
 /// resolv.conf in the container; the sysctl specs the pod's IPC namespace shared by its
@@ -271,6 +271,11 @@ const POD_MUST_PASS: &[&str] = &[
     "should support container log",
     "should support network",
     "should terminate with exitCode 137 and reason OOMKilled",
+    "runtime should support listing container stats [Conformance]",
+    "runtime should support listing stats for containers filtered by labels [Conformance]",
+    "runtime should support listing stats for started containers [Conformance]",
+    "runtime should support listing stats for started containers when filter is nil [Conformance]",
+    "runtime should support listing stats for three created containers when filter is nil. [Conformance]",
 ];
 
 #[test]
