@@ -76,7 +76,11 @@ fn standin_registry_storage() -> PathBuf {
     );
     drop(reg);
     if let Err(e) = std::fs::rename(work.path().join("reg/data"), &data) {
-        assert!(data.exists(), "cannot keep the images in {}: {e}", data.display());
+        assert!(
+            data.exists(),
+            "cannot keep the images in {}: {e}",
+            data.display()
+        );
     }
     data
 }
