@@ -1,7 +1,7 @@
 //! Bench support: boots the same kernel and initrd under CRX, Firecracker and Cloud Hypervisor
 //! (each as its own process, started the way `../shared/peers/README.md` says), reads each
 //! VMM's own boot-time report, and measures VMM memory overhead the way Firecracker's memory
-//! test counts it.
+//! test counts it; [`snapshot`] saves and restores a guest under CRX and Firecracker.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crx_core::builder::{default_guest_dir, DEFAULT_CMDLINE};
+
+pub mod snapshot;
 
 /// For a bench binary's `main`: true when guests run on this host's KVM (go on here). Otherwise
 /// re-runs this very bench binary, with its arguments, inside the shared KVM test host, streams
@@ -165,6 +167,15 @@ pub struct BootSample {
     pub first_instruction: Option<Duration>,
 }
 
+/// The bench guest's kernel command line, with init arguments `init_args`.
+fn cmdline(init_args: &str) -> String {
+    if init_args.is_empty() {
+        DEFAULT_CMDLINE.to_string()
+    } else {
+        format!("{DEFAULT_CMDLINE} -- {init_args}")
+    }
+}
+
 fn require(path: PathBuf, what: &'static str) -> Result<PathBuf, BenchError> {
     if path.exists() {
         Ok(path)
@@ -209,13 +220,41 @@ impl Bench {
         )
     }
 
+    /// Writes Firecracker's configuration for the bench guest with `cmdline` and `devices`
+    /// (logging to `fc.log` in the scratch directory, emptied); returns its path.
+    fn firecracker_config(&self, cmdline: &str, devices: &Devices) -> Result<PathBuf, BenchError> {
+        let dir = self.scratch.path();
+        let log = dir.join("fc.log");
+        let _ = std::fs::remove_file(&log);
+        std::fs::write(&log, b"")?;
+        let config = format!(
+            r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
+                "drives": [{drives}],
+                "network-interfaces": [{nets}],{vsock}
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
+                "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
+            k = self.kernel,
+            i = self.initrd,
+            c = cmdline,
+            l = log,
+            drives = devices.disk.as_ref().map_or(String::new(), |d| format!(
+                r#"{{"drive_id": "vda", "path_on_host": {d:?}, "is_root_device": false, "is_read_only": false}}"#
+            )),
+            nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
+                r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
+            )),
+            vsock = devices.vsock.as_ref().map_or(String::new(), |u| format!(
+                r#" "vsock": {{"guest_cid": {GUEST_CID}, "uds_path": {u:?}}},"#
+            )),
+        );
+        let config_path = dir.join("vm.json");
+        std::fs::write(&config_path, config)?;
+        Ok(config_path)
+    }
+
     /// The command that boots the bench guest under `vmm` with init arguments `init_args`.
     fn command(&self, vmm: Vmm, init_args: &str, devices: &Devices) -> Result<Command, BenchError> {
-        let cmdline = if init_args.is_empty() {
-            DEFAULT_CMDLINE.to_string()
-        } else {
-            format!("{DEFAULT_CMDLINE} -- {init_args}")
-        };
+        let cmdline = cmdline(init_args);
         let dir = self.scratch.path();
         if let Some(uds) = &devices.vsock {
             // A VMM binds it afresh (Firecracker refuses an existing path).
@@ -248,31 +287,7 @@ impl Bench {
                 cmd
             }
             Vmm::Firecracker => {
-                let log = dir.join("fc.log");
-                let _ = std::fs::remove_file(&log);
-                std::fs::write(&log, b"")?;
-                let config = format!(
-                    r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {c:?}}},
-                        "drives": [{drives}],
-                        "network-interfaces": [{nets}],{vsock}
-                        "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}},
-                        "logger": {{"log_path": {l:?}, "level": "Info"}}}}"#,
-                    k = self.kernel,
-                    i = self.initrd,
-                    c = cmdline,
-                    l = log,
-                    drives = devices.disk.as_ref().map_or(String::new(), |d| format!(
-                        r#"{{"drive_id": "vda", "path_on_host": {d:?}, "is_root_device": false, "is_read_only": false}}"#
-                    )),
-                    nets = devices.tap.as_ref().map_or(String::new(), |t| format!(
-                        r#"{{"iface_id": "eth0", "host_dev_name": {t:?}, "guest_mac": "{GUEST_MAC}"}}"#
-                    )),
-                    vsock = devices.vsock.as_ref().map_or(String::new(), |u| format!(
-                        r#" "vsock": {{"guest_cid": {GUEST_CID}, "uds_path": {u:?}}},"#
-                    )),
-                );
-                let config_path = dir.join("vm.json");
-                std::fs::write(&config_path, config)?;
+                let config_path = self.firecracker_config(&cmdline, devices)?;
                 let mut cmd = Command::new(self.peer("firecracker")?);
                 cmd.args(["--no-api", "--no-seccomp", "--boot-timer", "--config-file"])
                     .arg(config_path);

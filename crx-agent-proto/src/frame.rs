@@ -84,6 +84,7 @@ mod tests {
             id,
             kind: Some(request::Kind::Hello(Hello {
                 protocol_version: crate::PROTOCOL_VERSION,
+                entropy: Vec::new(),
             })),
         }
     }

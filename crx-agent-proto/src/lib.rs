@@ -40,7 +40,7 @@
 //! message Error { ErrorCode code = 1; string message = 2; }
 //! enum ErrorCode { UNKNOWN = 0; BAD_REQUEST = 1; NOT_FOUND = 2; ALREADY_EXISTS = 3; INVALID_STATE = 4;
 //!   INTERNAL = 5; VERSION_MISMATCH = 6; HANDSHAKE_REQUIRED = 7; }
-//! message Hello { uint32 protocol_version = 1; }
+//! message Hello { uint32 protocol_version = 1; bytes entropy = 2; }
 //! message HelloReply { uint32 protocol_version = 1; string agent_version = 2; uint64 boot_to_listen_us = 3; }
 //! message ConfigureSandbox { string hostname = 1; Dns dns = 2; repeated Interface interfaces = 3;
 //!   repeated Route routes = 4; map<string,string> sysctls = 5; }

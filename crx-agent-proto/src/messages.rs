@@ -40,6 +40,10 @@ impl Error {
 pub struct Hello {
     #[prost(uint32, tag = "1")]
     pub protocol_version: u32,
+    /// Fresh random bytes from the host (up to 64 are used): the agent credits them to the
+    /// guest's entropy pool and reseeds its CRNG, so pods restored from one template differ.
+    #[prost(bytes = "vec", tag = "2")]
+    pub entropy: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]

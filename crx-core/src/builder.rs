@@ -1,14 +1,16 @@
-//! Builds a microVM from a [`VmConfig`] and starts it: the one place that knows the order of
-//! KVM setup steps.
+//! Builds a microVM from a [`VmConfig`] and starts it, or restores one from a snapshot
+//! ([`RestoreConfig`]): the one place that knows the order of KVM setup steps.
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crx_virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY};
-use crx_virtio::{DeviceConfig, EventLoop, Interrupt, MmioTransport, VirtioDevice};
+use crx_virtio::{
+    DeviceConfig, EventLoop, Interrupt, MmioTransport, NetConfig, TapSource, VirtioDevice,
+};
 use kvm_ioctls::{IoEventAddress, Kvm};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
@@ -20,11 +22,16 @@ use crate::arch::x86_64::{
     IRQ_MAX, MAX_VCPUS, MMIO_PAGE_SIZE, SERIAL_IRQ, SERIAL_PORT_BASE, VIRTIO_IRQ_BASE,
     VIRTIO_MMIO_START,
 };
-use crate::devices::legacy::{ConsoleTail, SerialConsole, I8042};
+use crate::devices::legacy::{ConsoleTail, SerialConsole, SerialState, I8042};
 use crate::devices::pseudo::GuestStatus;
-use crate::vmm::{BootClock, ExitLatch, Vmm};
+use crate::snapshot::{
+    self, short_hex, CpuIdentity, MachineState, MemoryBacking, SavedDevice, SavedDeviceConfig,
+    SnapshotError, MEMORY_FILE, STATE_FILE,
+};
+use crate::vmm::{AttachedDevices, AttachedVirtio, BootClock, ExitLatch, Vmm};
+use crate::vstate::memory;
 use crate::vstate::vcpu::{install_kick_handler, Buses, Vcpu};
-use crate::vstate::{memory, vm::Vm};
+use crate::vstate::vm::{realtime_ns, Vm};
 use crate::{CpuTemplate, Error, THREAD_STACK};
 
 /// The command line CRX boots with unless told otherwise: console on COM1 only, reset through
@@ -155,6 +162,74 @@ impl VmConfig {
     }
 }
 
+/// How to start a VM from a snapshot ([`restore_vm`]).
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// The state file ([`snapshot::STATE_FILE`] in the snapshot's directory).
+    pub state: PathBuf,
+    /// The memory file ([`snapshot::MEMORY_FILE`]); it must stay in place while the VM runs when
+    /// mapped privately.
+    pub memory: PathBuf,
+    pub memory_backing: MemoryBacking,
+    pub console: ConsoleOutput,
+    /// The devices to attach instead of the snapshot's: the same kinds in the same order, each
+    /// with its own backend (vsock CID and socket, tap and MAC, disk image of the same size and
+    /// content). `None` reopens the snapshot's own (which only one VM at a time can use, and
+    /// which a tap passed by fd cannot be).
+    pub devices: Option<Vec<DeviceConfig>>,
+}
+
+impl RestoreConfig {
+    /// The snapshot in `dir`, RAM mapped privately, console discarded, its own devices.
+    pub fn new(dir: &Path) -> Self {
+        RestoreConfig {
+            state: dir.join(STATE_FILE),
+            memory: dir.join(MEMORY_FILE),
+            memory_backing: MemoryBacking::default(),
+            console: ConsoleOutput::Discard,
+            devices: None,
+        }
+    }
+}
+
+/// The devices a restore attaches: the overrides if given (checked against the snapshot's,
+/// kind by kind), else the snapshot's own.
+fn restore_devices(
+    saved: &[SavedDevice],
+    given: Option<&[DeviceConfig]>,
+) -> Result<Vec<DeviceConfig>, SnapshotError> {
+    let Some(given) = given else {
+        return saved
+            .iter()
+            .enumerate()
+            .map(|(index, device)| match &device.config {
+                SavedDeviceConfig::Net(NetConfig {
+                    tap: TapSource::Fd(_),
+                    ..
+                }) => Err(SnapshotError::TapByFd { index }),
+                config => Ok(config.to_config()),
+            })
+            .collect();
+    };
+    if given.len() != saved.len() {
+        return Err(SnapshotError::DeviceCount {
+            saved: saved.len(),
+            given: given.len(),
+        });
+    }
+    for (index, (device, config)) in saved.iter().zip(given).enumerate() {
+        let config = SavedDeviceConfig::of(config);
+        if config.kind() != device.config.kind() {
+            return Err(SnapshotError::DeviceKind {
+                index,
+                saved: device.config.kind(),
+                given: config.kind(),
+            });
+        }
+    }
+    Ok(given.to_vec())
+}
+
 /// The most virtio devices: one IOAPIC pin each, from VIRTIO_IRQ_BASE to the last pin.
 const MAX_VIRTIO_DEVICES: usize = (IRQ_MAX as u32 - VIRTIO_IRQ_BASE + 1) as usize;
 
@@ -194,8 +269,8 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     let devices = config
         .devices
         .iter()
-        .map(DeviceConfig::build)
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|c| Ok((c.clone(), c.build()?)))
+        .collect::<Result<Vec<_>, Error>>()?;
     let cmdline = config.kernel_cmdline();
     let guest_memory = memory::create(u64::from(config.mem_mib) << 20)?;
 
@@ -228,20 +303,21 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     let exit = Arc::new(ExitLatch::default());
     let clock = Arc::new(BootClock::new(launch));
     let console_tail = ConsoleTail::default();
-    let mut buses = attach_legacy_devices(&vm, config, &exit, &clock, console_tail.clone())?;
-    attach_virtio_devices(&vm, &mut buses, &guest_memory, &devices)?;
-    let buses = Arc::new(buses);
-    let device_loop = if devices.is_empty() {
-        None
-    } else {
-        Some(EventLoop::start(devices)?)
-    };
+    let (mut buses, serial) = attach_legacy_devices(
+        &vm,
+        &config.console,
+        &exit,
+        &clock,
+        console_tail.clone(),
+        None,
+    )?;
+    let virtio = attach_virtio_devices(&vm, &mut buses, &guest_memory, &devices, None)?;
 
     let mut template_cpuid = vm.supported_cpuid().clone();
     cpuid::apply_template(&mut template_cpuid, config.cpu_template);
     let mut vcpus = vec![boot_vcpu];
     for index in 1..config.vcpus {
-        vcpus.push(Vcpu::new(vm.fd(), index)?);
+        vcpus.push(Vcpu::new(&vm, index)?);
     }
     for vcpu in &vcpus {
         vcpu.configure(&template_cpuid, config.vcpus, &guest_memory, &kernel)?;
@@ -255,29 +331,209 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
         config.vcpus,
         config.mem_mib
     );
-
-    let mut vmm = Vmm {
-        vcpu_threads: Vec::with_capacity(vcpus.len()),
-        vcpu_checks: None,
-        exit: exit.clone(),
-        clock: clock.clone(),
+    let parts = VmParts {
+        exit,
+        clock,
         console_tail,
-        device_loop,
+        devices: AttachedDevices { serial, virtio },
+        machine: MachineState {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            cmdline,
+        },
+        cpu: CpuIdentity {
+            template: config.cpu_template,
+            fingerprint: cpuid::fingerprint(&template_cpuid, config.vcpus),
+        },
+        memory_is_memfd: true,
         vm,
         guest_memory,
     };
-    for vcpu in vcpus {
-        // On a failed spawn, dropping `vmm` stops the threads already started.
-        let handle = vcpu.start(
-            buses.clone(),
-            exit.clone(),
-            clock.clone(),
-            vmm.guest_memory.clone(),
-        )?;
-        vmm.vcpu_threads.push(handle);
+    parts.run(vcpus, devices, buses)
+}
+
+/// Restores the VM a snapshot describes and starts it, timing from now.
+pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, Error> {
+    restore_vm_at(config, Instant::now())
+}
+
+/// Restores and starts the VM, timing from `launch`: its boot clock's first instruction is the
+/// restored vCPU 0's first KVM_RUN, and guest init is a boot timer write after the restore (a
+/// guest may write it again to say it runs). Every check on the state file (truncation,
+/// corruption, version, CPU, shape, devices) happens before the VM is built.
+pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Error> {
+    install_kick_handler()?;
+    let (cpu, state) = snapshot::read_state_file(&config.state)?;
+    let machine = &state.machine;
+    if machine.vcpus == 0
+        || machine.vcpus > MAX_VCPUS
+        || state.vcpus.len() != usize::from(machine.vcpus)
+        || state
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.index) != i)
+        || machine.mem_mib < 16
+        || state.devices.len() > MAX_VIRTIO_DEVICES
+    {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} vCPUs ({} saved), {} MiB, {} devices",
+            machine.vcpus,
+            state.vcpus.len(),
+            machine.mem_mib,
+            state.devices.len()
+        ))
+        .into());
     }
-    vmm.start_vcpu_checks()?;
-    Ok(vmm)
+    let device_configs = restore_devices(&state.devices, config.devices.as_deref())?;
+    if config.memory_backing == MemoryBacking::Private {
+        if let Some(index) = device_configs
+            .iter()
+            .position(|d| matches!(d, DeviceConfig::Fs(_)))
+        {
+            return Err(SnapshotError::VirtioFsNeedsMemfd { index }.into());
+        }
+    }
+
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let vm = Vm::new(&kvm)?;
+    let mut template_cpuid = vm.supported_cpuid().clone();
+    cpuid::apply_template(&mut template_cpuid, cpu.template);
+    let here = cpuid::fingerprint(&template_cpuid, machine.vcpus);
+    if here != cpu.fingerprint {
+        return Err(SnapshotError::CpuMismatch {
+            template: cpu.template,
+            saved: short_hex(&cpu.fingerprint),
+            here: short_hex(&here),
+        }
+        .into());
+    }
+    vm.create_irqchip_and_pit()?;
+    let vcpus = (0..machine.vcpus)
+        .map(|index| Vcpu::new(&vm, index))
+        .collect::<Result<Vec<_>, _>>()?;
+    if crx_kvm_probe::vcpu_is_pvm(vcpus[0].fd()) {
+        return Err(Error::PvmHost);
+    }
+    let guest_memory = snapshot::memory::restore(
+        &config.memory,
+        u64::from(machine.mem_mib) << 20,
+        config.memory_backing,
+    )?;
+    vm.register_memory(&guest_memory)?;
+    vm.restore_state(&state.vm)?;
+
+    let devices = device_configs
+        .into_iter()
+        .map(|c| {
+            let device = c.build()?;
+            Ok((c, device))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let exit = Arc::new(ExitLatch::default());
+    let clock = Arc::new(BootClock::new(launch));
+    let console_tail = ConsoleTail::default();
+    let (mut buses, serial) = attach_legacy_devices(
+        &vm,
+        &config.console,
+        &exit,
+        &clock,
+        console_tail.clone(),
+        Some(&state.serial),
+    )?;
+    let virtio = attach_virtio_devices(
+        &vm,
+        &mut buses,
+        &guest_memory,
+        &devices,
+        Some(&state.devices),
+    )?;
+
+    // The guest's clocks move on by the time the snapshot waited: measured last, just before
+    // the vCPUs run.
+    let elapsed_ns = realtime_ns().saturating_sub(state.vm.realtime_ns);
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore_state(saved, elapsed_ns)?;
+    }
+    vm.restore_clock(&state.vm, elapsed_ns)?;
+    tracing::debug!(
+        "restored {} vCPUs, {} MiB, {} devices; guest clock advanced {} ms",
+        machine.vcpus,
+        machine.mem_mib,
+        devices.len(),
+        elapsed_ns / 1_000_000
+    );
+    let parts = VmParts {
+        exit,
+        clock,
+        console_tail,
+        devices: AttachedDevices { serial, virtio },
+        machine: state.machine,
+        cpu,
+        memory_is_memfd: config.memory_backing == MemoryBacking::Memfd,
+        vm,
+        guest_memory,
+    };
+    parts.run(vcpus, devices, buses)
+}
+
+/// A built VM about to run.
+struct VmParts {
+    exit: Arc<ExitLatch>,
+    clock: Arc<BootClock>,
+    console_tail: ConsoleTail,
+    devices: AttachedDevices,
+    machine: MachineState,
+    cpu: CpuIdentity,
+    memory_is_memfd: bool,
+    vm: Vm,
+    guest_memory: vm_memory::GuestMemoryMmap,
+}
+
+impl VmParts {
+    /// Starts the device event loop and one thread per vCPU.
+    fn run(
+        self,
+        vcpus: Vec<Vcpu>,
+        devices: Vec<(DeviceConfig, Arc<Mutex<dyn VirtioDevice>>)>,
+        buses: Buses,
+    ) -> Result<Vmm, Error> {
+        let device_loop = if devices.is_empty() {
+            None
+        } else {
+            Some(EventLoop::start(
+                devices.into_iter().map(|(_, d)| d).collect(),
+            )?)
+        };
+        let buses = Arc::new(buses);
+        let mut vmm = Vmm {
+            vcpus: Vec::with_capacity(vcpus.len()),
+            vcpu_checks: None,
+            exit: self.exit.clone(),
+            clock: self.clock.clone(),
+            console_tail: self.console_tail,
+            device_loop,
+            devices: self.devices,
+            machine: self.machine,
+            cpu: self.cpu,
+            paused: Mutex::new(false),
+            memory_is_memfd: self.memory_is_memfd,
+            vm: self.vm,
+            guest_memory: self.guest_memory,
+        };
+        for vcpu in vcpus {
+            // On a failed spawn, dropping `vmm` stops the threads already started.
+            let handle = vcpu.start(
+                buses.clone(),
+                self.exit.clone(),
+                self.clock.clone(),
+                vmm.guest_memory.clone(),
+            )?;
+            vmm.vcpus.push(handle);
+        }
+        vmm.start_vcpu_checks()?;
+        Ok(vmm)
+    }
 }
 
 /// The KVM VM with its irqchip and PIT, the boot vCPU, and `guest_memory` registered. The boot
@@ -287,7 +543,7 @@ fn create_vm(guest_memory: &vm_memory::GuestMemoryMmap) -> Result<(Vm, Vcpu), Er
     let vm = Vm::new(&kvm)?;
     // KVM takes the irqchip only before the first vCPU.
     vm.create_irqchip_and_pit()?;
-    let boot_vcpu = Vcpu::new(vm.fd(), 0)?;
+    let boot_vcpu = Vcpu::new(&vm, 0)?;
     if crx_kvm_probe::vcpu_is_pvm(boot_vcpu.fd()) {
         return Err(Error::PvmHost);
     }
@@ -316,14 +572,16 @@ fn load_guest_image(
     Ok((kernel, cmdline_size, initrd))
 }
 
-/// The legacy devices: COM1 (irqfd on IRQ 4), the i8042, the guest status page.
+/// The legacy devices: COM1 (irqfd on IRQ 4; in its saved state when restoring), the i8042, the
+/// guest status page.
 fn attach_legacy_devices(
     vm: &Vm,
-    config: &VmConfig,
+    console: &ConsoleOutput,
     exit: &Arc<ExitLatch>,
     clock: &Arc<BootClock>,
     console_tail: ConsoleTail,
-) -> Result<Buses, Error> {
+    saved_serial: Option<&SerialState>,
+) -> Result<(Buses, Arc<Mutex<SerialConsole>>), Error> {
     let bus_err = |e: crate::devices::bus::Overlap| Error::Boot {
         step: "place devices",
         detail: e.to_string(),
@@ -335,12 +593,16 @@ fn attach_legacy_devices(
             step: "KVM_IRQFD (serial)",
             source,
         })?;
-    let serial = SerialConsole::new(serial_irq, console_sink(&config.console)?, console_tail);
+    let sink = console_sink(console)?;
+    let serial = Arc::new(Mutex::new(match saved_serial {
+        None => SerialConsole::new(serial_irq, sink, console_tail),
+        Some(state) => SerialConsole::from_state(state, serial_irq, sink, console_tail)?,
+    }));
 
     let mut buses = Buses::default();
     buses
         .pio
-        .insert(u64::from(SERIAL_PORT_BASE), 8, Arc::new(Mutex::new(serial)))
+        .insert(u64::from(SERIAL_PORT_BASE), 8, serial.clone())
         .map_err(bus_err)?;
     buses
         .pio
@@ -358,19 +620,22 @@ fn attach_legacy_devices(
             Arc::new(Mutex::new(GuestStatus::new(clock.clone(), exit.clone()))),
         )
         .map_err(bus_err)?;
-    Ok(buses)
+    Ok((buses, serial))
 }
 
 /// Each virtio device gets a 4 KiB MMIO window, an IOAPIC pin driven through an irqfd, and one
 /// ioeventfd per queue on its QueueNotify register (matching the queue index), so neither
-/// notifications nor interrupts pass through a vCPU thread's exit handling.
+/// notifications nor interrupts pass through a vCPU thread's exit handling. When restoring, each
+/// window takes its saved state (`saved`, in the same order).
 fn attach_virtio_devices(
     vm: &Vm,
     buses: &mut Buses,
     guest_memory: &vm_memory::GuestMemoryMmap,
-    devices: &[Arc<Mutex<dyn VirtioDevice>>],
-) -> Result<(), Error> {
-    for (index, device) in devices.iter().enumerate() {
+    devices: &[(DeviceConfig, Arc<Mutex<dyn VirtioDevice>>)],
+    saved: Option<&[SavedDevice]>,
+) -> Result<Vec<AttachedVirtio>, Error> {
+    let mut attached = Vec::with_capacity(devices.len());
+    for (index, (config, device)) in devices.iter().enumerate() {
         let (base, irq) = virtio_slot(index);
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.fd()
@@ -394,20 +659,31 @@ fn attach_virtio_devices(
                     })?;
             }
         }
-        let transport = MmioTransport::new(
-            device.clone(),
-            guest_memory.clone(),
-            Arc::new(Interrupt::new(irqfd)),
-        );
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        let transport = match saved.and_then(|saved| saved.get(index)) {
+            None => MmioTransport::new(device.clone(), guest_memory.clone(), interrupt),
+            Some(saved) => MmioTransport::restore(
+                device.clone(),
+                guest_memory.clone(),
+                interrupt,
+                &saved.state,
+            )
+            .map_err(|source| SnapshotError::Device { index, source })?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
         buses
             .mmio
-            .insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))
+            .insert(base, MMIO_WINDOW, transport.clone())
             .map_err(|e| Error::Boot {
                 step: "place virtio devices",
                 detail: e.to_string(),
             })?;
+        attached.push(AttachedVirtio {
+            config: config.clone(),
+            transport,
+        });
     }
-    Ok(())
+    Ok(attached)
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! PVH or the 64-bit boot protocol, or bzImage) and initrd, writes the boot tables (e820, MP table,
 //! command line), adds the legacy devices (8250 serial, i8042 reset, boot timer and exit register),
 //! and starts one thread per vCPU. [`Vmm::wait`] returns how the guest ended as a [`VmExit`].
+//! [`Vmm::pause`] and [`Vmm::snapshot`] save a running VM to files; [`builder::restore_vm`] starts
+//! a VM from them ([`snapshot`]).
 //!
 //! The layout follows Firecracker's `src/vmm`: `builder` assembles, `vstate` owns KVM state
 //! (memory, VM, vCPUs), `devices` owns the emulated devices, `arch` the x86_64 boot tables.
@@ -13,11 +15,13 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod launch;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
 pub use arch::x86_64::cpuid::CpuTemplate;
-pub use builder::{start_vm, ConsoleOutput, VmConfig};
+pub use builder::{restore_vm, start_vm, ConsoleOutput, RestoreConfig, VmConfig};
+pub use snapshot::{MemoryBacking, SnapshotError, SnapshotFiles};
 pub use vmm::{BootTimes, VmExit, VmOutcome, Vmm};
 
 use std::path::PathBuf;
@@ -97,4 +101,8 @@ pub enum Error {
     DeviceLoop(#[from] crx_virtio::event_loop::EventLoopError),
     #[error("cannot register the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("serial console: {0}")]
+    SerialState(#[from] devices::legacy::serial::BadSerialState),
 }

@@ -1,18 +1,27 @@
 //! A running microVM and how it ends: the exit latch the vCPUs and devices report to, the boot
-//! clock, and [`Vmm::wait`], which stops every vCPU thread, joins it and closes every fd.
+//! clock, [`Vmm::wait`], which stops every vCPU thread, joins it and closes every fd, and
+//! [`Vmm::pause`], [`Vmm::resume`] and [`Vmm::snapshot`] (see [`crate::snapshot`]).
 
 use std::fmt;
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crx_virtio::{DeviceConfig, MmioTransport};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::signal::Killable;
 
-use crate::devices::legacy::ConsoleTail;
-use crate::vstate::vcpu::kick_signal;
+use crate::devices::legacy::{ConsoleTail, SerialConsole};
+use crate::snapshot::{
+    self, format, memory, CpuIdentity, MachineState, MicrovmState, SavedDevice, SavedDeviceConfig,
+    SnapshotError, SnapshotFiles, MEMORY_FILE, STATE_FILE,
+};
+use crate::vstate::vcpu::{kick_signal, VcpuHandle};
 use crate::vstate::vm::Vm;
+use crate::Error;
 
 /// How a microVM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,9 +194,21 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 /// next to a guest's own exits).
 const VCPU_CHECK_PERIOD: Duration = Duration::from_secs(5);
 
+/// A virtio device as attached: its configuration and its register window.
+pub(crate) struct AttachedVirtio {
+    pub config: DeviceConfig,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The devices whose state a snapshot saves.
+pub(crate) struct AttachedDevices {
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub virtio: Vec<AttachedVirtio>,
+}
+
 /// A running microVM. Dropping it without [`Vmm::wait`] stops it too.
 pub struct Vmm {
-    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
     /// Kicks the vCPUs out of KVM_RUN now and then, so each checks it can still run.
     pub(crate) vcpu_checks: Option<JoinHandle<()>>,
     pub(crate) exit: Arc<ExitLatch>,
@@ -195,9 +216,20 @@ pub struct Vmm {
     pub(crate) console_tail: ConsoleTail,
     /// The virtio devices' event loop (stopped after the vCPUs, before the VM goes).
     pub(crate) device_loop: Option<crx_virtio::EventLoop>,
+    pub(crate) devices: AttachedDevices,
+    pub(crate) machine: MachineState,
+    pub(crate) cpu: CpuIdentity,
+    /// Whether the vCPUs and the event loop are parked ([`Vmm::pause`]).
+    pub(crate) paused: Mutex<bool>,
+    /// Guest RAM is CRX's own memfd (not a snapshot's file mapped privately).
+    pub(crate) memory_is_memfd: bool,
     // Field order is drop order: the VM fd goes before the memory it maps.
     pub(crate) vm: Vm,
     pub(crate) guest_memory: GuestMemoryMmap,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vmm {
@@ -236,6 +268,124 @@ impl Vmm {
         &self.vm
     }
 
+    /// The last console output (up to 16 KiB) so far.
+    pub fn console_tail(&self) -> String {
+        self.console_tail.text()
+    }
+
+    /// Stops the guest at a clean point: every vCPU thread leaves KVM_RUN (completing the exit
+    /// it was serving, if any) and parks, then the device event loop parks between two
+    /// requests. Nothing the guest can see changes until [`Vmm::resume`]. Fails if the VM ends
+    /// meanwhile.
+    pub fn pause(&self) -> Result<(), Error> {
+        let mut paused = lock(&self.paused);
+        if *paused {
+            return Ok(());
+        }
+        for vcpu in &self.vcpus {
+            vcpu.request_pause();
+        }
+        for vcpu in &self.vcpus {
+            if !vcpu.wait_parked() {
+                return Err(SnapshotError::VmEnded.into());
+            }
+        }
+        if let Some(device_loop) = &self.device_loop {
+            if !device_loop.pause() {
+                return Err(SnapshotError::VmEnded.into());
+            }
+        }
+        *paused = true;
+        tracing::debug!("VM paused");
+        Ok(())
+    }
+
+    /// Lets a paused guest run on.
+    pub fn resume(&self) {
+        let mut paused = lock(&self.paused);
+        if !*paused {
+            return;
+        }
+        if let Some(device_loop) = &self.device_loop {
+            device_loop.resume();
+        }
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+        *paused = false;
+        tracing::debug!("VM resumed");
+    }
+
+    /// Saves the paused VM into `dir` (created 0700 if missing): the memory file first, then
+    /// the state file (written whole under a temporary name, then renamed), so a state file in
+    /// `dir` always belongs to a complete snapshot. The VM stays paused; resume it, or end it.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotFiles, Error> {
+        let paused = lock(&self.paused);
+        if !*paused {
+            return Err(SnapshotError::NotPaused.into());
+        }
+        let configs = self
+            .devices
+            .virtio
+            .iter()
+            .map(|d| SavedDeviceConfig::of(&d.config))
+            .collect::<Vec<_>>();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| SnapshotError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+
+        for vcpu in &self.vcpus {
+            vcpu.request_save();
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|vcpu| vcpu.saved_state().ok_or(SnapshotError::VmEnded)?)
+            .collect::<Result<Vec<_>, Error>>()?;
+        let vm = self.vm.save_state()?;
+        let serial = lock(&self.devices.serial).state();
+        let devices = self
+            .devices
+            .virtio
+            .iter()
+            .zip(configs)
+            .enumerate()
+            .map(|(index, (device, config))| {
+                let state = lock(&device.transport)
+                    .save_state()
+                    .map_err(|source| SnapshotError::Device { index, source })?;
+                Ok(SavedDevice { config, state })
+            })
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+
+        let memory_path = dir.join(MEMORY_FILE);
+        let memory_bytes_written =
+            memory::write(&self.guest_memory, self.memory_is_memfd, &memory_path)?;
+        let state = MicrovmState {
+            machine: self.machine.clone(),
+            vm,
+            vcpus,
+            serial,
+            devices,
+        };
+        let state_path = dir.join(STATE_FILE);
+        snapshot::write_state_file(&state_path, &format::encode(&self.cpu, &state)?)?;
+        tracing::debug!(
+            "snapshot in {}: {memory_bytes_written} bytes of guest RAM",
+            dir.display()
+        );
+        Ok(SnapshotFiles {
+            state: state_path,
+            memory: memory_path,
+            memory_bytes_written,
+        })
+    }
+
     fn finish(mut self) -> VmOutcome {
         self.stop_vcpus();
         let tail = self.console_tail.text();
@@ -259,9 +409,9 @@ impl Vmm {
     /// vCPU wedged inside KVM never exits by itself; kicked, it checks its state).
     pub(crate) fn start_vcpu_checks(&mut self) -> Result<(), crate::Error> {
         let threads: Vec<libc::pthread_t> = self
-            .vcpu_threads
+            .vcpus
             .iter()
-            .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+            .map(VcpuHandle::pthread)
             .collect();
         let exit = Arc::clone(&self.exit);
         let checks = std::thread::Builder::new()
@@ -281,8 +431,7 @@ impl Vmm {
         Ok(())
     }
 
-    /// Kicks every vCPU thread out of KVM_RUN until it has seen the exit, then joins it; then
-    /// stops the device event loop.
+    /// Stops and joins every vCPU thread (paused ones too), then stops the device event loop.
     fn stop_vcpus(&mut self) {
         self.exit.request(VmExit::StoppedByHost);
         if let Some(checks) = self.vcpu_checks.take() {
@@ -290,26 +439,12 @@ impl Vmm {
                 tracing::error!("the vCPU check thread panicked");
             }
         }
-        for handle in self.vcpu_threads.drain(..) {
-            while !handle.is_finished() {
-                if let Err(e) = handle.kill(kick_signal()) {
-                    tracing::warn!("kicking a vCPU thread: {e}");
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            if handle.join().is_err() {
-                tracing::error!("a vCPU thread panicked");
-            }
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.stop();
         }
         if let Some(mut device_loop) = self.device_loop.take() {
             device_loop.stop();
         }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.stop_vcpus();
     }
 }
 

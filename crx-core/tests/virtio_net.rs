@@ -14,60 +14,11 @@ use crx_virtio::{DeviceConfig, NetConfig, TapSource};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{console_value, default_guest, run_script};
+use common::{console_value, default_guest, run_script, Netns};
 
 const HOST_IP: &str = "10.200.0.1";
 const GUEST_IP: &str = "10.200.0.2";
 const TRANSFER: usize = 8 << 20;
-
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Netns {
-        let name = format!("crx-net-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        ip(&["netns", "add", &name]);
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: setns on this thread only, with an fd that stays open for the call.
-            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-
-    fn exec(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("iproute2's ip");
-    assert!(status.success(), "ip {args:?} failed");
-}
 
 fn pattern(len: usize) -> Vec<u8> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -90,7 +41,7 @@ fn guest_and_namespace_ping_and_move_tcp_data_both_ways() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let ns = Netns::create();
+    let ns = Netns::create("net");
     let tap: OwnedFd = ns
         .run(|| Tap::open("crxtap0").expect("tap in the namespace").into())
         .join()

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,54 +16,11 @@ use crx_virtio::{DeviceConfig, VsockConfig};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{console_value, default_guest, expect_exit, BOOT_TIMEOUT};
+use common::{
+    connect_to_guest, console_value, default_guest, expect_exit, Scratch, BOOT_TIMEOUT, HOST_WAIT,
+};
 
 const GUEST_CID: u32 = 3;
-/// How long the host side waits for the guest (booting under TCG in the test host is slow).
-const HOST_WAIT: Duration = Duration::from_secs(300);
-
-/// A scratch directory for the sockets, on a file system that can hold Unix sockets (in the
-/// test host the temp dir is a 9p share, which cannot: bind fails with ENXIO).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let name = format!("crx-vsock-{test}-{}", std::process::id());
-        let candidates = [
-            PathBuf::from("/dev/shm"),
-            PathBuf::from("/run"),
-            std::env::temp_dir(),
-        ];
-        for base in candidates {
-            let dir = base.join(&name);
-            let _ = std::fs::remove_dir_all(&dir);
-            if std::fs::create_dir_all(&dir).is_err() {
-                continue;
-            }
-            if UnixListener::bind(dir.join("probe")).is_ok() {
-                return Scratch(dir);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        panic!("no directory here can hold Unix sockets");
-    }
-
-    fn uds(&self) -> PathBuf {
-        self.0.join("v.sock")
-    }
-
-    /// Where a guest connecting to host port `port` is sent.
-    fn host_port(&self, port: u32) -> PathBuf {
-        self.0.join(format!("v.sock_{port}"))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn vsock_guest(scratch: &Scratch, vcpus: u8, script: &str) -> VmConfig {
     let mut config = default_guest();
     let initrd = config
@@ -131,38 +88,6 @@ impl Payload {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Connects to the guest's `port` through the device's listener, retrying while the guest is
-/// not listening yet (the device answers with a closed stream). Returns the stream after `OK`
-/// and the host port the device reported.
-fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, u32) {
-    let deadline = Instant::now() + HOST_WAIT;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never accepted port {port}"
-        );
-        let Ok(mut stream) = UnixStream::connect(uds) else {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        stream.set_read_timeout(Some(HOST_WAIT)).unwrap();
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .unwrap();
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while stream.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        let line = String::from_utf8(line).unwrap();
-        if let Some(host_port) = line.strip_prefix("OK ") {
-            return (stream, host_port.parse().expect("OK <port>"));
-        }
-        assert!(line.is_empty(), "unexpected handshake reply {line:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Sends `len` bytes of `seed`'s payload to a guest echo server and checks the echo.
@@ -268,7 +193,7 @@ fn host_connects_to_a_guest_port_and_data_flows_both_ways() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let scratch = Scratch::new("host-to-guest");
+    let scratch = Scratch::new("vsock-host-to-guest");
     let config = vsock_guest(&scratch, 1, "crx-vsock echo-server 5000 1");
     let uds = scratch.uds();
     let (outcome, host_port) =
@@ -284,7 +209,7 @@ fn guest_connects_to_a_host_socket_and_data_flows_both_ways() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let scratch = Scratch::new("guest-to-host");
+    let scratch = Scratch::new("vsock-guest-to-host");
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
     let config = vsock_guest(&scratch, 1, "crx-vsock send 6000 1048576 1");
     let (outcome, received) =
@@ -309,7 +234,7 @@ fn a_hundred_concurrent_streams_each_way_carry_their_own_data() {
     }
     const STREAMS: u64 = 100;
     const BYTES: usize = 64 * 1024;
-    let scratch = Scratch::new("hundred");
+    let scratch = Scratch::new("vsock-hundred");
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
     let script = format!(
         "crx-vsock echo-server 5000 {STREAMS} & server=$!; \
@@ -366,7 +291,7 @@ fn one_gib_from_the_guest_arrives_with_the_same_sha256() {
         return;
     }
     const BYTES: u64 = 1 << 30;
-    let scratch = Scratch::new("gib");
+    let scratch = Scratch::new("vsock-gib");
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
     let config = vsock_guest(&scratch, 2, &format!("crx-vsock send 6000 {BYTES} 9"));
     let (outcome, (received, elapsed)) = run_with_host(
@@ -398,7 +323,7 @@ fn a_guest_closing_mid_stream_ends_the_host_stream_and_the_device_stays_usable()
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let scratch = Scratch::new("midstream");
+    let scratch = Scratch::new("vsock-midstream");
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
     let script = "crx-vsock send-partial 6000 1048576 300000 && crx-vsock send 6000 65536 1";
     let config = vsock_guest(&scratch, 1, script);
@@ -425,7 +350,7 @@ fn a_guest_connecting_to_a_missing_or_dead_host_socket_fails_at_once() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let scratch = Scratch::new("missing");
+    let scratch = Scratch::new("vsock-missing");
     // A socket file nobody listens on any more.
     drop(UnixListener::bind(scratch.host_port(7778)).unwrap());
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
@@ -458,7 +383,7 @@ fn raw_throughput_each_way_on_256_mib_of_zeros() {
         return;
     }
     const BYTES: usize = 256 << 20;
-    let scratch = Scratch::new("throughput");
+    let scratch = Scratch::new("vsock-throughput");
     let listener = UnixListener::bind(scratch.host_port(6000)).unwrap();
     let script = format!("crx-vsock send-zeros 6000 {BYTES} && crx-vsock sink 5000");
     let config = vsock_guest(&scratch, 2, &script);

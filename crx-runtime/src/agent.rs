@@ -99,6 +99,16 @@ fn try_connect(uds: &Path, port: u32) -> Result<Option<UnixStream>, AgentError> 
     }
 }
 
+/// Bytes of fresh host entropy each Hello carries (a 256-bit CRNG key's worth).
+const HELLO_ENTROPY_BYTES: usize = 32;
+
+/// Fresh random bytes for the guest (see `Hello.entropy`).
+fn host_entropy() -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0; HELLO_ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// A request connection to the agent (handshake done).
 pub struct AgentClient {
     conn: UnixStream,
@@ -117,6 +127,7 @@ impl AgentClient {
         };
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
+            entropy: host_entropy()?,
         };
         match client.call(Kind::Hello(hello))? {
             response::Result::Hello(reply) => client.hello = reply,

@@ -573,6 +573,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         id: 6,
         kind: Some(crx_agent_proto::request::Kind::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
+            entropy: Vec::new(),
         })),
     };
     raw.write_all(&encode_frame(&hello).unwrap()).unwrap();
@@ -604,6 +605,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         id: 1,
         kind: Some(crx_agent_proto::request::Kind::Hello(Hello {
             protocol_version: 999,
+            entropy: Vec::new(),
         })),
     };
     old.write_all(&encode_frame(&hello).unwrap()).unwrap();

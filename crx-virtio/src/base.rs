@@ -80,6 +80,11 @@ impl DeviceBase {
         self.activate_event.write(1).map_err(ActivateError::Wake)
     }
 
+    /// The queues of an active device.
+    pub fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
     /// Registers the queue events and the activate event.
     pub fn init_events(&self, ops: &mut EventOps) {
         for event in self.queue_events.iter().chain([&self.activate_event]) {
@@ -106,7 +111,7 @@ impl DeviceBase {
 
 /// Implements the named [`VirtioDevice`](crate::device::VirtioDevice) methods for a device whose
 /// `base: DeviceBase` field does all of their work: any of `queue_max_sizes`, `queue_events`,
-/// `activate`, `reset` (drops the active queues) and `init_events`.
+/// `activate`, `reset` (drops the active queues), `active_queues` and `init_events`.
 macro_rules! from_base {
     ($($method:ident),+ $(,)?) => {
         $($crate::base::from_base!(@ $method);)+
@@ -133,6 +138,11 @@ macro_rules! from_base {
         fn reset(&mut self) -> bool {
             self.base.active = None;
             true
+        }
+    };
+    (@ active_queues) => {
+        fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+            self.base.active_queues()
         }
     };
     (@ init_events) => {

@@ -11,6 +11,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::{DeviceState, PersistError};
+
 /// A chain handed to a device: its descriptors read from guest memory on demand.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
@@ -50,6 +52,26 @@ pub trait VirtioDevice: Send {
     fn init_events(&mut self, ops: &mut EventOps);
     /// Serves one ready fd.
     fn process_event(&mut self, events: Events, ops: &mut EventOps);
+    /// The queues the device took at activation, while it is active (a snapshot saves their
+    /// ring positions). Called with the event loop paused.
+    fn active_queues(&self) -> Option<&[Queue]> {
+        None
+    }
+    /// The device's own part of a snapshot. A device that cannot be saved says why.
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Err(PersistError::NotSnapshottable {
+            device_type: self.device_type(),
+            why: "the device has no snapshot support",
+        })
+    }
+    /// Takes its saved part back, on a freshly built device, before the transport re-activates it.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        let _ = state;
+        Err(PersistError::NotSnapshottable {
+            device_type: self.device_type(),
+            why: "the device has no snapshot support",
+        })
+    }
 }
 
 /// Why a device could not start serving its queues.
@@ -131,6 +153,19 @@ impl Interrupt {
 
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Takes a saved status back and raises the line again if anything was pending: an interrupt
+    /// raised just before a snapshot may not have reached the saved interrupt controller yet (KVM
+    /// injects irqfd writes asynchronously), and a spurious one is harmless.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irqfd.write(1) {
+                tracing::warn!("virtio interrupt: irqfd write failed: {e}");
+            }
+        }
     }
 
     /// Back to the state of a freshly reset device.

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod iovec;
 pub mod mmio;
+pub mod persist;
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,7 @@ pub use devices::net::{NetConfig, TapSource};
 pub use devices::vsock::VsockConfig;
 pub use event_loop::EventLoop;
 pub use mmio::MmioTransport;
+pub use persist::{DeviceSnapshot, PersistError};
 
 /// A device the VMM is asked to attach.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::{Activation, Interrupt, VirtioDevice};
+use crate::persist::{DeviceSnapshot, PersistError, QueueState, TransportState};
 
 /// "virt" in little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -242,16 +243,17 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) {
-        for (index, queue) in self.queues.iter().enumerate() {
-            if queue.ready() && !queue.is_valid(&self.mem) {
-                tracing::warn!("virtio-mmio: queue {index} set up invalid; device failed");
-                self.status |= VIRTIO_CONFIG_S_FAILED;
-                return;
-            }
-        }
+    /// The first ready queue that does not fit in guest memory.
+    fn invalid_queue(&self) -> Option<usize> {
+        self.queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+    }
+
+    /// What the device gets at activation: the queues (the transport keeps copies of what the
+    /// driver can read back), memory, interrupt and features.
+    fn hand_over_queues(&mut self) -> Activation {
         let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        // The device takes the queues; the transport keeps copies of what the driver can read back.
         let placeholders = self
             .queues
             .iter()
@@ -266,12 +268,21 @@ impl MmioTransport {
         for q in &mut queues {
             q.set_event_idx(event_idx);
         }
-        let activation = Activation {
+        Activation {
             mem: self.mem.clone(),
             queues,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
-        };
+        }
+    }
+
+    fn activate(&mut self) {
+        if let Some(index) = self.invalid_queue() {
+            tracing::warn!("virtio-mmio: queue {index} set up invalid; device failed");
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        let activation = self.hand_over_queues();
         match lock(&self.device).activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
@@ -303,6 +314,104 @@ impl MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// The window's state and the device's, for a snapshot. The event loop must be paused (the
+    /// queues of an active device are read from the device).
+    pub fn save_state(&self) -> Result<DeviceSnapshot, PersistError> {
+        let device = lock(&self.device);
+        let device_state = device.save_state()?;
+        let queues = if self.active {
+            device
+                .active_queues()
+                .ok_or(PersistError::NotSnapshottable {
+                    device_type: device.device_type(),
+                    why: "the device does not expose its active queues",
+                })?
+                .iter()
+                .map(QueueState::of)
+                .collect()
+        } else {
+            self.queues.iter().map(QueueState::of).collect()
+        };
+        Ok(DeviceSnapshot {
+            transport: TransportState {
+                device_type: device.device_type(),
+                queue_sel: self.queue_sel,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                acked_features: self.acked_features,
+                status: self.status,
+                config_generation: self.config_generation,
+                active: self.active,
+                interrupt_status: self.interrupt.status(),
+                needs_reset: self.interrupt.needs_reset(),
+                queues,
+            },
+            device: device_state,
+        })
+    }
+
+    /// A window over a freshly built `device` in the state `saved` describes; an active device is
+    /// activated again with its queues where they were (it serves whatever the driver queued
+    /// meanwhile once the event loop runs). Everything in `saved` is checked as if the driver had
+    /// written it: queue sizes and alignment, and that active rings lie in guest memory.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        saved: &DeviceSnapshot,
+    ) -> Result<Self, PersistError> {
+        let mut transport = MmioTransport::new(device, mem, interrupt);
+        let state = &saved.transport;
+        {
+            let mut device = lock(&transport.device);
+            if device.device_type() != state.device_type {
+                return Err(PersistError::DeviceType {
+                    saved: state.device_type,
+                    device: device.device_type(),
+                });
+            }
+            let max_sizes: Vec<u16> = transport.queues.iter().map(|q| q.max_size()).collect();
+            let saved_sizes: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+            if max_sizes != saved_sizes {
+                return Err(PersistError::Mismatch(format!(
+                    "queue maximum sizes {saved_sizes:?} saved, {max_sizes:?} offered"
+                )));
+            }
+            device.restore_state(&saved.device)?;
+        }
+        transport.queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                q.to_queue()
+                    .map_err(|source| PersistError::Queue { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        transport.queue_sel = state.queue_sel;
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.acked_features = state.acked_features;
+        transport.status = state.status;
+        transport.config_generation = state.config_generation;
+        transport
+            .interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if state.active {
+            if let Some(index) = transport.invalid_queue() {
+                return Err(PersistError::QueueOutsideMemory(index));
+            }
+            let activation = transport.hand_over_queues();
+            lock(&transport.device)
+                .activate(activation)
+                .map_err(PersistError::Activate)?;
+            transport.active = true;
+        }
+        Ok(transport)
+    }
+}
+
 fn set_queue_address(q: &mut Queue, offset: u64, value: u32) {
     match offset {
         QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
@@ -326,6 +435,7 @@ pub(crate) fn lock(
 mod tests {
     use super::*;
     use crate::devices::rng::Rng;
+    use crate::persist::DeviceState;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -408,6 +518,53 @@ mod tests {
         assert_eq!(r(&mut t, STATUS), 0);
         assert!(!t.active);
         assert!(!t.queues[0].ready());
+    }
+
+    #[test]
+    fn an_active_window_is_saved_and_restored_onto_a_new_device() {
+        let mut t = transport();
+        w(&mut t, STATUS, 3);
+        w(&mut t, DRIVER_FEATURES_SEL, 1);
+        w(&mut t, DRIVER_FEATURES, 1);
+        w(&mut t, STATUS, 0xb);
+        w(&mut t, QUEUE_NUM, 16);
+        w(&mut t, QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, QUEUE_AVAIL_LOW, 0x2000);
+        w(&mut t, QUEUE_USED_LOW, 0x3000);
+        w(&mut t, QUEUE_READY, 1);
+        w(&mut t, STATUS, 0xf);
+        assert!(t.active);
+        t.interrupt.signal_used_queue();
+        let saved = t.save_state().unwrap();
+        assert_eq!(saved.device, DeviceState::Rng);
+        assert_eq!(saved.transport.queues[0].desc_table, 0x1000);
+
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irqfd.try_clone().unwrap()));
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let mut back =
+            MmioTransport::restore(device.clone(), t.mem.clone(), interrupt, &saved).unwrap();
+        assert!(back.active);
+        assert_eq!(r(&mut back, STATUS), 0xf);
+        assert_eq!(r(&mut back, QUEUE_READY), 1);
+        assert_eq!(r(&mut back, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(
+            irqfd.read().unwrap(),
+            1,
+            "a pending interrupt is raised again"
+        );
+        let avail = lock(&device).active_queues().map(|q| q[0].avail_ring());
+        assert_eq!(avail, Some(0x2000));
+        assert_eq!(back.save_state().unwrap(), saved);
+
+        let mut outside = saved.clone();
+        outside.transport.queues[0].used_ring = 0xff_f000;
+        let device = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        assert!(matches!(
+            MmioTransport::restore(device, t.mem.clone(), interrupt, &outside),
+            Err(PersistError::QueueOutsideMemory(0))
+        ));
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! `crx-vmm`: one microVM per process. Direct-boots a kernel (the default guest unless told
-//! otherwise), waits for it to end, reports the boot time and passes the guest command's exit
-//! status through. `crx boot` execs it; it links only crx-core, so the host memory each pod VM
-//! costs is this small binary's, not the whole CLI's.
+//! otherwise), or restores a snapshot (`--restore DIR`), waits for it to end, reports the boot
+//! time and passes the guest command's exit status through. `crx boot` execs it; it links only
+//! crx-core, so the host memory each pod VM costs is this small binary's, not the whole CLI's.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use crx_core::{ConsoleOutput, CpuTemplate, VmConfig, VmExit};
+use crx_core::{ConsoleOutput, CpuTemplate, MemoryBacking, RestoreConfig, VmConfig, VmExit, Vmm};
+use signal_hook::consts::SIGUSR1;
+use signal_hook::iterator::Signals;
 use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
 
 #[derive(clap::Parser)]
@@ -61,6 +63,19 @@ struct BootArgs {
     /// write `CONNECT <port>\n`; guest connections to host port P reach `UDS_P`)
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
+    /// Restore the snapshot in DIR (its `vmstate` and `memory` files, RAM mapped copy-on-write)
+    /// instead of booting. Device flags, if any, replace the snapshot's devices one for one, in
+    /// the order disks, nets, shares, rng, vsock (the order a boot attaches them in)
+    /// (its RAM copied into a memfd instead when a virtio-fs device is attached, which virtiofsd
+    /// must map).
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "init", "vcpus", "mem_mib", "cpu_template", "command",
+    ])]
+    restore: Option<PathBuf>,
+    /// On SIGUSR1, pause the VM, write a snapshot of it to DIR, end it and exit 0 (how a pod
+    /// template is made once its guest is ready)
+    #[arg(long, value_name = "DIR")]
+    snapshot_on_sigusr1: Option<PathBuf>,
     /// Command for the guest's init to run (after `--`)
     #[arg(last = true)]
     command: Vec<String>,
@@ -78,8 +93,131 @@ fn main() -> anyhow::Result<()> {
     std::process::exit(code)
 }
 
-/// Boots, waits, prints how the guest ended; returns the process exit code.
+/// Boots (or restores), waits, prints how the guest ended; returns the process exit code.
 fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
+    let console = args
+        .console
+        .clone()
+        .map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+    let devices: Vec<DeviceConfig> = args
+        .disks
+        .iter()
+        .cloned()
+        .map(DeviceConfig::Block)
+        .chain(args.nets.iter().cloned().map(DeviceConfig::Net))
+        .chain(args.shares.iter().map(|share| {
+            DeviceConfig::Fs(FsConfig {
+                socket_dir: args.runtime_dir.clone(),
+                ..share.clone()
+            })
+        }))
+        .chain(args.rng.then_some(DeviceConfig::Rng))
+        .chain(args.vsock.clone().map(DeviceConfig::Vsock))
+        .collect();
+    // Registered before the VM starts, so a signal sent as soon as the guest is ready counts.
+    let snapshot_request = match &args.snapshot_on_sigusr1 {
+        Some(dir) => Some((
+            dir.clone(),
+            Signals::new([SIGUSR1]).context("cannot watch for SIGUSR1")?,
+        )),
+        None => None,
+    };
+    let vmm = match &args.restore {
+        Some(dir) => {
+            let mut config = RestoreConfig::new(dir);
+            config.console = console;
+            if devices.iter().any(|d| matches!(d, DeviceConfig::Fs(_))) {
+                config.memory_backing = MemoryBacking::Memfd;
+            }
+            config.devices = (!devices.is_empty()).then_some(devices);
+            crx_core::builder::restore_vm_at(&config, launch)
+                .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?
+        }
+        None => {
+            let config = boot_config(args, console, devices)?;
+            crx_core::builder::start_vm_at(&config, launch).context("cannot boot the guest")?
+        }
+    };
+    let outcome = match snapshot_request {
+        None => vmm.wait(),
+        Some((dir, signals)) => match wait_or_snapshot(vmm, &dir, signals)? {
+            Some(outcome) => outcome,
+            None => {
+                eprintln!("crx: snapshot written to {}", dir.display());
+                return Ok(0);
+            }
+        },
+    };
+    let ms = |d: Option<std::time::Duration>| {
+        d.map_or("-".to_string(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        })
+    };
+    eprintln!(
+        "crx: {}; boot time {} (launch → guest init), VMM setup {} (launch → first instruction)",
+        outcome.exit,
+        ms(outcome.times.guest_init),
+        ms(outcome.times.first_instruction)
+    );
+    if !matches!(
+        outcome.exit,
+        VmExit::Exited(_) | VmExit::Reset | VmExit::PowerOff
+    ) {
+        eprintln!("crx: last console output:\n{}", outcome.console_tail);
+    }
+    Ok(outcome.exit.exit_code())
+}
+
+/// Waits for the VM to end (its outcome) or for SIGUSR1; on the signal, snapshots the VM into
+/// `dir` and ends it (`None`).
+fn wait_or_snapshot(
+    vmm: Vmm,
+    dir: &std::path::Path,
+    mut signals: Signals,
+) -> anyhow::Result<Option<crx_core::VmOutcome>> {
+    enum Event {
+        Ended,
+        Snapshot,
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let latch = vmm.exit_latch();
+    let ended = tx.clone();
+    std::thread::spawn(move || {
+        latch.wait(None);
+        let _ = ended.send(Event::Ended);
+    });
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = tx.send(Event::Snapshot);
+        }
+    });
+    let event = rx.recv().unwrap_or(Event::Ended);
+    handle.close();
+    match event {
+        Event::Ended => Ok(Some(vmm.wait())),
+        Event::Snapshot => {
+            let taken = vmm.pause().and_then(|()| vmm.snapshot(dir));
+            vmm.stop();
+            let outcome = vmm.wait();
+            match taken {
+                Ok(_) => Ok(None),
+                Err(e) => Err(anyhow::Error::new(e).context(format!(
+                    "cannot snapshot the VM into {} (it ended: {})",
+                    dir.display(),
+                    outcome.exit
+                ))),
+            }
+        }
+    }
+}
+
+/// The VM a boot describes: the default guest unless told otherwise.
+fn boot_config(
+    args: BootArgs,
+    console: ConsoleOutput,
+    devices: Vec<DeviceConfig>,
+) -> anyhow::Result<VmConfig> {
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
         None => {
@@ -113,45 +251,9 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.cpu_template = args.cpu_template;
-    config.console = args
-        .console
-        .map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
-    config.devices = args
-        .disks
-        .into_iter()
-        .map(DeviceConfig::Block)
-        .chain(args.nets.into_iter().map(DeviceConfig::Net))
-        .chain(args.shares.into_iter().map(|share| {
-            DeviceConfig::Fs(FsConfig {
-                socket_dir: args.runtime_dir.clone(),
-                ..share
-            })
-        }))
-        .chain(args.rng.then_some(DeviceConfig::Rng))
-        .chain(args.vsock.map(DeviceConfig::Vsock))
-        .collect();
-    let config = config.with_init_args(&args.command);
-
-    let vmm = crx_core::builder::start_vm_at(&config, launch).context("cannot boot the guest")?;
-    let outcome = vmm.wait();
-    let ms = |d: Option<std::time::Duration>| {
-        d.map_or("-".to_string(), |d| {
-            format!("{:.1} ms", d.as_secs_f64() * 1e3)
-        })
-    };
-    eprintln!(
-        "crx: {}; boot time {} (launch → guest init), VMM setup {} (launch → first instruction)",
-        outcome.exit,
-        ms(outcome.times.guest_init),
-        ms(outcome.times.first_instruction)
-    );
-    if !matches!(
-        outcome.exit,
-        VmExit::Exited(_) | VmExit::Reset | VmExit::PowerOff
-    ) {
-        eprintln!("crx: last console output:\n{}", outcome.console_tail);
-    }
-    Ok(outcome.exit.exit_code())
+    config.console = console;
+    config.devices = devices;
+    Ok(config.with_init_args(&args.command))
 }
 
 /// `PATH[,ro][,serial=ID]`

@@ -1,10 +1,15 @@
-//! The KVM VM: required capabilities, memory slots, the in-kernel irqchip and PIT.
+//! The KVM VM: required capabilities, memory slots, the in-kernel irqchip and PIT, and the
+//! VM-wide state a snapshot holds ([`VmState`]: PIC, IOAPIC, PIT, kvmclock).
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::{cpuid, KVM_TSS_ADDRESS};
@@ -25,6 +30,31 @@ const REQUIRED_CAPS: [(Cap, &str); 7] = [
 pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
+    /// KVM_GET_MSR_INDEX_LIST: the MSRs a snapshot tries to save for each vCPU.
+    msr_index_list: Vec<u32>,
+    /// KVM_CAP_XSAVE2: the bytes a vCPU's XSAVE state takes, when KVM reports it.
+    xsave2_size: Option<usize>,
+}
+
+/// The VM-wide KVM state in a snapshot.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    /// kvmclock (the guest's nanoseconds) when the snapshot was taken.
+    pub clock_ns: u64,
+    /// The host's CLOCK_REALTIME (nanoseconds since the epoch) when `clock_ns` was read: a restore
+    /// advances the guest's clocks by the time passed since.
+    pub realtime_ns: u64,
+}
+
+/// The host's wall-clock time in nanoseconds since the epoch.
+pub fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn vm_err(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -45,10 +75,20 @@ impl Vm {
         if kvm.check_extension(Cap::TscDeadlineTimer) {
             cpuid::add_tsc_deadline_timer(&mut supported_cpuid);
         }
+        let msr_index_list = kvm
+            .get_msr_index_list()
+            .map_err(vm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         let fd = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+        let xsave2_size = usize::try_from(fd.check_extension_int(Cap::Xsave2))
+            .ok()
+            .filter(|&size| size > 0);
         Ok(Vm {
             fd,
             supported_cpuid,
+            msr_index_list,
+            xsave2_size,
         })
     }
 
@@ -98,5 +138,72 @@ impl Vm {
     /// What KVM_GET_SUPPORTED_CPUID returned, with what KVM emulates but leaves out of it.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    /// The MSRs KVM reports (KVM_GET_MSR_INDEX_LIST).
+    pub fn msr_index_list(&self) -> &[u32] {
+        &self.msr_index_list
+    }
+
+    /// The size of a vCPU's XSAVE state when KVM reports it (KVM_CAP_XSAVE2).
+    pub fn xsave2_size(&self) -> Option<usize> {
+        self.xsave2_size
+    }
+
+    fn irqchip(&self, chip_id: u32) -> Result<kvm_irqchip, Error> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(vm_err("KVM_GET_IRQCHIP"))?;
+        Ok(chip)
+    }
+
+    /// Reads the interrupt controllers, the PIT and kvmclock (every vCPU must be paused).
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        let pit = self.fd.get_pit2().map_err(vm_err("KVM_GET_PIT2"))?;
+        let pic_master = self.irqchip(KVM_IRQCHIP_PIC_MASTER)?;
+        let pic_slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
+        let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
+        let clock = self.fd.get_clock().map_err(vm_err("KVM_GET_CLOCK"))?;
+        Ok(VmState {
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit,
+            clock_ns: clock.clock,
+            realtime_ns: realtime_ns(),
+        })
+    }
+
+    /// Sets the interrupt controllers and the PIT (before any vCPU runs).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), Error> {
+        for (chip, id) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(Error::Boot {
+                    step: "restore interrupt controllers",
+                    detail: format!("saved chip {} where chip {id} belongs", chip.chip_id),
+                });
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(vm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&state.pit).map_err(vm_err("KVM_SET_PIT2"))
+    }
+
+    /// Sets kvmclock to the saved time plus `elapsed_ns` (the vCPUs' TSCs move by as much).
+    pub fn restore_clock(&self, state: &VmState, elapsed_ns: u64) -> Result<(), Error> {
+        let clock = kvm_clock_data {
+            clock: state.clock_ns.saturating_add(elapsed_ns),
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(vm_err("KVM_SET_CLOCK"))
     }
 }

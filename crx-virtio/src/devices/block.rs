@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::base::{from_base, DeviceBase, Wake};
 use crate::device::{drain_queue, read_config_bytes, Malformed, Served, VirtioDevice};
 use crate::iovec::{ChainBuffers, Segments};
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
@@ -26,7 +27,7 @@ const ID_BYTES: usize = 20;
 const MAX_DISCARD_SEGMENTS: u32 = 32;
 
 /// How to attach an image file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -314,7 +315,14 @@ fn transfer(
 }
 
 impl VirtioDevice for Block {
-    from_base!(queue_max_sizes, queue_events, activate, reset, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        activate,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -336,6 +344,31 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Block {
+            capacity_sectors: self.capacity_sectors,
+        })
+    }
+
+    /// The image reopened must be as large as the one saved (the guest has its size, and its
+    /// page cache may hold its blocks).
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Block { capacity_sectors }
+                if *capacity_sectors == self.capacity_sectors =>
+            {
+                Ok(())
+            }
+            DeviceState::Block { capacity_sectors } => Err(PersistError::Mismatch(format!(
+                "the disk image has {} sectors, the snapshot's had {capacity_sectors}",
+                self.capacity_sectors
+            ))),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for a block device"
+            ))),
+        }
     }
 
     fn process_event(&mut self, events: Events, _ops: &mut EventOps) {

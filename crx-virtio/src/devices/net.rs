@@ -17,13 +17,14 @@ use crate::device::{
 };
 use crate::devices::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use crate::iovec::ChainBuffers;
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
 /// Where the device's tap comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TapSource {
     /// A tap interface by name (created if missing).
     Name(String),
@@ -32,7 +33,7 @@ pub enum TapSource {
 }
 
 /// How to attach a network interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: TapSource,
     pub mac: [u8; 6],
@@ -164,7 +165,13 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    from_base!(queue_max_sizes, queue_events, reset, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -202,6 +209,21 @@ impl VirtioDevice for Net {
             .set_offload(offload)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.base.activate(activation)
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Net)
+    }
+
+    /// The tap is the one this device was built with (possibly another than the snapshot's); the
+    /// guest keeps the MAC address it read at probe time, whatever the configuration says now.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Net => Ok(()),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for a net device"
+            ))),
+        }
     }
 
     fn process_event(&mut self, events: Events, ops: &mut EventOps) {

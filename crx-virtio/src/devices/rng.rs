@@ -6,6 +6,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use crate::base::{from_base, DeviceBase, Wake};
 use crate::device::{drain_queue, Malformed, Served, VirtioDevice};
 use crate::iovec::ChainBuffers;
+use crate::persist::{DeviceState, PersistError};
 
 const QUEUE_SIZE: u16 = 256;
 /// The most entropy one request gets; the driver asks again for more.
@@ -52,7 +53,14 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
-    from_base!(queue_max_sizes, queue_events, activate, reset, init_events);
+    from_base!(
+        queue_max_sizes,
+        queue_events,
+        activate,
+        reset,
+        active_queues,
+        init_events
+    );
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
@@ -64,6 +72,19 @@ impl VirtioDevice for Rng {
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+    }
+
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Rng)
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for an rng device"
+            ))),
+        }
     }
 
     fn process_event(&mut self, events: Events, _ops: &mut EventOps) {

@@ -16,6 +16,7 @@
 
 mod cgroup;
 mod container;
+mod entropy;
 mod init_signal;
 mod reaper;
 mod sandbox;

@@ -47,6 +47,9 @@ pub fn serve(agent: &Agent, mut conn: File, listen_us: u64) {
         let result = match request.kind {
             Some(Kind::Hello(hello)) if hello.protocol_version == PROTOCOL_VERSION => {
                 greeted = true;
+                if let Err(e) = crate::entropy::add_and_reseed(&hello.entropy) {
+                    eprintln!("crx-agent: cannot add the host's entropy: {e}");
+                }
                 Ok(response::Result::Hello(HelloReply {
                     protocol_version: PROTOCOL_VERSION,
                     agent_version: env!("CARGO_PKG_VERSION").into(),

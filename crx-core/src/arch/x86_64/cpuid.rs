@@ -10,7 +10,7 @@ use std::str::FromStr;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// A named CPUID policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuTemplate {
     /// Every feature this host's KVM supports (fastest; ties a snapshot to this CPU model).
     #[default]
@@ -154,6 +154,24 @@ pub fn add_tsc_deadline_timer(cpuid: &mut CpuId) {
             e.ecx |= bits::L1_ECX_TSC_DEADLINE;
         }
     }
+}
+
+/// A digest of the CPU a guest of `vcpu_count` vCPUs sees: every leaf of the template-applied
+/// CPUID, in KVM's order, with the topology of vCPU 0 (KVM_GET_SUPPORTED_CPUID reports the APIC
+/// IDs of whichever host CPU ran the call; topology normalization replaces them). Two hosts with
+/// the same digest offer a guest the same CPU model and features, which is what a snapshot's
+/// vCPU state (XSAVE layout, MSRs, CPUID) depends on.
+pub fn fingerprint(template_cpuid: &CpuId, vcpu_count: u8) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut cpuid = template_cpuid.clone();
+    normalize_topology(&mut cpuid, 0, vcpu_count);
+    let mut digest = Sha256::new();
+    for e in cpuid.as_slice() {
+        for word in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            digest.update(word.to_le_bytes());
+        }
+    }
+    digest.finalize().into()
 }
 
 /// Bits needed to number `count` items (ceil(log2(count))).
@@ -302,6 +320,25 @@ mod tests {
         let mut h = amd();
         apply_template(&mut h, CpuTemplate::Host);
         assert!(find(&h, 0xd).is_some());
+    }
+
+    #[test]
+    fn the_fingerprint_tells_templates_and_cpus_apart() {
+        let mut host = amd();
+        apply_template(&mut host, CpuTemplate::Host);
+        let mut baseline = amd();
+        apply_template(&mut baseline, CpuTemplate::Baseline);
+        assert_ne!(fingerprint(&host, 1), fingerprint(&baseline, 1));
+        let mut other_model = host.clone();
+        other_model.as_mut_slice()[1].eax ^= 0x10;
+        assert_ne!(fingerprint(&host, 1), fingerprint(&other_model, 1));
+        let mut other_host_cpu = host.clone();
+        other_host_cpu.as_mut_slice()[1].ebx ^= 3 << 24;
+        assert_eq!(
+            fingerprint(&host, 2),
+            fingerprint(&other_host_cpu, 2),
+            "the APIC ID of the CPU KVM ran on does not count"
+        );
     }
 
     #[test]

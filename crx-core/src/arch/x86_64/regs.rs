@@ -117,7 +117,9 @@ pub fn boot_fpu() -> kvm_fpu {
     }
 }
 
-const MSR_IA32_TSC: u32 = 0x10;
+/// The TSC, and the local APIC's TSC-deadline timer compared with it.
+pub const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;

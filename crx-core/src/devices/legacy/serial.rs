@@ -1,11 +1,13 @@
 //! The 8250 UART at COM1 (`vm-superio`), the guest's console. Output goes to a sink (stdout, a
 //! file, or nowhere) and into a bounded tail kept for diagnosis: the VMM reads a kernel panic
-//! message from it.
+//! message from it. Its registers and receive FIFO go into snapshots ([`SerialState`]).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState as UartState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,6 +68,26 @@ impl Trigger for IrqEvent {
     }
 }
 
+/// The UART's registers and receive FIFO in a snapshot (vm-superio's state, with serde).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// A saved serial state vm-superio refuses (a receive FIFO beyond its size).
+#[derive(Debug, thiserror::Error)]
+#[error("saved serial state: {0:?}")]
+pub struct BadSerialState(vm_superio::serial::Error<io::Error>);
+
 /// COM1 on the port I/O bus.
 pub struct SerialConsole {
     uart: Serial<IrqEvent, vm_superio::serial::NoEvents, ConsoleWriter>,
@@ -76,6 +98,54 @@ impl SerialConsole {
         SerialConsole {
             uart: Serial::new(IrqEvent(irq), ConsoleWriter { sink, tail }),
         }
+    }
+}
+
+impl SerialConsole {
+    pub fn state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// The UART as saved; vm-superio raises an interrupt it had pending and enabled again (it
+    /// may not have reached the saved interrupt controller before the snapshot).
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        sink: Box<dyn Write + Send>,
+        tail: ConsoleTail,
+    ) -> Result<Self, BadSerialState> {
+        let uart_state = UartState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &uart_state,
+            IrqEvent(irq),
+            vm_superio::serial::NoEvents,
+            ConsoleWriter { sink, tail },
+        )
+        .map_err(BadSerialState)?;
+        Ok(SerialConsole { uart })
     }
 }
 
@@ -111,6 +181,41 @@ mod tests {
         }
         assert_eq!(tail.text(), "Kernel panic");
         assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_pending_interrupt_is_raised_again() {
+        let tail = ConsoleTail::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut uart =
+            SerialConsole::new(irq.try_clone().unwrap(), Box::new(io::sink()), tail.clone());
+        uart.write(3, &[0x83]); // LCR: DLAB
+        uart.write(0, &[0x0c]); // divisor low
+        uart.write(3, &[0x03]); // 8N1
+        uart.write(7, &[0x5a]); // scratch
+        uart.write(1, &[0x02]); // IER: THR empty interrupt, raised at once
+        let saved = uart.state();
+        assert_eq!((saved.baud_divisor_low, saved.scratch), (0x0c, 0x5a));
+        let _ = irq.read();
+        let again = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let back = SerialConsole::from_state(
+            &saved,
+            again.try_clone().unwrap(),
+            Box::new(io::sink()),
+            tail,
+        )
+        .unwrap();
+        assert_eq!(back.state(), saved);
+        assert_eq!(again.read().unwrap(), 1);
+        let mut full = saved;
+        full.in_buffer = vec![0; 1 << 20];
+        assert!(SerialConsole::from_state(
+            &full,
+            again,
+            Box::new(io::sink()),
+            ConsoleTail::default()
+        )
+        .is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod orphaned;
 mod virtiofsd;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -35,6 +36,7 @@ use crate::base::Active;
 use crate::device::{
     consume, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
 };
+use crate::persist::{DeviceState, PersistError};
 use virtiofsd::Virtiofsd;
 
 /// The longest tag the configuration space holds.
@@ -52,7 +54,7 @@ const PASSED_THROUGH_FEATURES: u64 =
     1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// How virtiofsd isolates itself (its `--sandbox`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FsSandbox {
     /// New mount, PID and network namespaces with the shared directory as root (needs root or a
     /// user namespace).
@@ -75,7 +77,7 @@ impl FsSandbox {
 }
 
 /// A host directory shared with the guest under a mount tag.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsConfig {
     /// What the guest mounts (`mount -t virtiofs TAG /mnt`); at most 36 bytes.
     pub tag: String,
@@ -432,6 +434,46 @@ impl VirtioDevice for Fs {
 
     fn backend_signals_directly(&self) -> bool {
         self.backend_alive
+    }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
+    /// Only a device the guest has sent no request yet can be saved: from the first request on
+    /// (FUSE_INIT, at mount) virtiofsd holds the guest's FUSE session (its inodes and open
+    /// files), which it can neither save nor take back. Until then a new virtiofsd serving the
+    /// same rings from their start is all a restored guest needs.
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        if let Some(active) = &self.active {
+            for queue in &active.queues {
+                let posted = queue
+                    .avail_idx(&active.mem, Ordering::Acquire)
+                    .map_err(|e| PersistError::Mismatch(format!("reading a ring: {e}")))?;
+                if posted.0 != 0 {
+                    return Err(PersistError::NotSnapshottable {
+                        device_type: VIRTIO_ID_FS,
+                        why: "the guest has mounted it: virtiofsd's FUSE session cannot be saved",
+                    });
+                }
+            }
+        }
+        Ok(DeviceState::Fs {
+            tag: self.tag.clone(),
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Fs { tag } if *tag == self.tag => Ok(()),
+            DeviceState::Fs { tag } => Err(PersistError::Mismatch(format!(
+                "virtio-fs tag {tag:?} saved, {:?} given (the guest knows the saved one)",
+                self.tag
+            ))),
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} is not a virtio-fs state"
+            ))),
+        }
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {

@@ -3,7 +3,12 @@
 //! [`muxer::Muxer`] owns the host sockets and the connections. The tx queue carries the guest's
 //! packets to the muxer; the rx queue is filled whenever the muxer has packets (control packets,
 //! or host data read straight into the rx buffers) and stops pulling from host sockets while the
-//! guest gives no rx buffers. The event queue is never used (no transport resets are sent).
+//! guest gives no rx buffers. The event queue carries one event only: after a snapshot restore
+//! the device starts without connections (the host ends of the old ones belong to another
+//! process, or are gone), so, as Firecracker does, it sends the guest
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: Linux then resets every connected socket (its peers see
+//! ECONNRESET), keeps its listeners, and re-reads the guest CID from the configuration space (a
+//! restored VM may get another CID).
 
 mod connection;
 mod muxer;
@@ -17,6 +22,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::base::{from_base, DeviceBase, Wake};
 use crate::device::{drain_queue, read_config_bytes, Malformed, Served, VirtioDevice};
 use crate::iovec::ChainBuffers;
+use crate::persist::{DeviceState, PersistError};
 use muxer::Muxer;
 use packet::{Header, HEADER_LEN};
 
@@ -25,11 +31,14 @@ const VIRTIO_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+/// virtio_vsock.h: the only event, `struct virtio_vsock_event { le32 id; }`.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Context IDs 0–2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
 const FIRST_GUEST_CID: u32 = 3;
 
 /// How to attach a vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub guest_cid: u32,
@@ -58,6 +67,8 @@ pub struct Vsock {
     base: DeviceBase,
     guest_cid: u64,
     muxer: Muxer,
+    /// A transport reset event is owed to the guest (set by a snapshot restore).
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -76,7 +87,43 @@ impl Vsock {
             base: DeviceBase::new(vec![QUEUE_SIZE; 3]).map_err(VsockError::EventFd)?,
             guest_cid,
             muxer,
+            reset_pending: false,
         })
+    }
+
+    /// Puts the transport reset event in the guest's first event buffer, if a reset is owed and
+    /// the guest has posted a buffer (it keeps several posted; otherwise its next event queue
+    /// notification brings us back here).
+    fn send_transport_reset(&mut self) {
+        let Some(active) = self.base.active.as_mut() else {
+            return;
+        };
+        if !self.reset_pending {
+            return;
+        }
+        let mem = &active.mem;
+        let mut sent = false;
+        drain_queue(
+            &mut active.queues[EVENT_QUEUE],
+            mem,
+            &active.interrupt,
+            |chain| {
+                if sent {
+                    return Ok(Served::Later);
+                }
+                let buffers = ChainBuffers::from_chain(chain)?;
+                let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+                if buffers.writable.write_from(mem, &event)? < event.len() {
+                    return Err(Malformed::new("vsock event buffer shorter than an event"));
+                }
+                sent = true;
+                Ok(Served::Used(event.len() as u32))
+            },
+        );
+        if sent {
+            tracing::debug!("vsock: transport reset sent to the guest");
+            self.reset_pending = false;
+        }
     }
 
     /// Passes every packet the guest sent to the muxer.
@@ -136,7 +183,7 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    from_base!(queue_max_sizes, queue_events, activate);
+    from_base!(queue_max_sizes, queue_events, activate, active_queues);
 
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
@@ -156,6 +203,23 @@ impl VirtioDevice for Vsock {
         true
     }
 
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Ok(DeviceState::Vsock)
+    }
+
+    /// The restored device has no connections; the guest hears so at the first chance.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Vsock => {
+                self.reset_pending = true;
+                Ok(())
+            }
+            other => Err(PersistError::Mismatch(format!(
+                "{other:?} for a vsock device"
+            ))),
+        }
+    }
+
     fn init_events(&mut self, ops: &mut EventOps) {
         self.base.init_events(ops);
         self.muxer.init_events(ops);
@@ -163,11 +227,17 @@ impl VirtioDevice for Vsock {
 
     fn process_event(&mut self, events: Events, ops: &mut EventOps) {
         match self.base.wake(&events) {
-            Some(Wake::Activated | Wake::Queue(TX_QUEUE)) => {
+            Some(Wake::Activated) => {
+                self.send_transport_reset();
+                self.process_tx();
+                self.process_rx();
+            }
+            Some(Wake::Queue(TX_QUEUE)) => {
                 self.process_tx();
                 self.process_rx();
             }
             Some(Wake::Queue(RX_QUEUE)) => self.process_rx(),
+            Some(Wake::Queue(EVENT_QUEUE)) => self.send_transport_reset(),
             Some(Wake::Queue(_)) | None => {}
             Some(Wake::Other(fd)) => {
                 self.muxer.handle_event(fd, events.event_set());
@@ -332,6 +402,26 @@ mod tests {
             .unwrap();
         device.process_tx();
         assert!(interrupt.needs_reset());
+    }
+
+    #[test]
+    fn a_restored_device_sends_one_transport_reset_once_the_guest_posts_an_event_buffer() {
+        let scratch = Scratch::new("device-reset");
+        let mem = guest_memory();
+        let events = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
+        let (mut device, interrupt) = active_device(&scratch, &mem);
+        device.restore_state(&DeviceState::Vsock).unwrap();
+        device.send_transport_reset();
+        assert_eq!(events.used().idx().load(), 0, "no buffer posted yet");
+        mem.write_obj(u32::MAX, GuestAddress(0x30000)).unwrap();
+        events
+            .add_desc_chains(&[writable(0x30000, 4), writable(0x30010, 4)], 0)
+            .unwrap();
+        device.send_transport_reset();
+        device.send_transport_reset();
+        assert_eq!(events.used().idx().load(), 1, "exactly one event");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x30000)).unwrap(), 0);
+        assert!(!interrupt.needs_reset());
     }
 
     #[test]
