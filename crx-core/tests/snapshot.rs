@@ -422,7 +422,7 @@ fn virtio_fs_is_saved_until_the_guest_mounts_it() {
     };
     let mut config = default_guest();
     config.devices = vec![DeviceConfig::Rng, fs_config("template")];
-    let script = "echo waiting-for-host; sleep 2; mount -t virtiofs share /mnt; \
+    let script = "mkdir -p /mnt; echo waiting-for-host; sleep 2; mount -t virtiofs share /mnt; \
                   echo share=$(cat /mnt/hello); exit 4";
     let vmm = start_vm(&config.clone().with_init_args(&["/bin/sh", "-c", script]))
         .expect("boot with virtio-fs");
@@ -444,10 +444,15 @@ fn virtio_fs_is_saved_until_the_guest_mounts_it() {
         .wait_timeout(BOOT_TIMEOUT);
     report("virtio-fs restored guest", &outcome);
     expect_exit(&outcome, VmExit::Exited(4));
-    assert_eq!(console_value(&outcome, "share"), Some("from-pod"));
+    assert_eq!(
+        console_value(&outcome, "share"),
+        Some("from-pod"),
+        "console:\n{}",
+        outcome.console_tail
+    );
 
     // Mounted: virtiofsd holds the guest's FUSE session, which cannot be saved.
-    let script = "mount -t virtiofs share /mnt; echo mounted; sleep 1000";
+    let script = "mkdir -p /mnt; mount -t virtiofs share /mnt && echo mounted; sleep 1000";
     let vmm = start_vm(&config.with_init_args(&["/bin/sh", "-c", script])).expect("boot");
     wait_for_console(&vmm, "mounted");
     vmm.pause().expect("pause");
