@@ -196,6 +196,7 @@ impl Runtime {
             )]),
             network,
             container_share: true,
+            template: true,
         };
         let mut sandbox =
             Sandbox::start(&self.run_root(), &sandbox_config).map_err(sandbox_status)?;

@@ -408,11 +408,7 @@ impl Vmm {
     /// Starts the thread that kicks every vCPU each [`VCPU_CHECK_PERIOD`] until the VM ends (a
     /// vCPU wedged inside KVM never exits by itself; kicked, it checks its state).
     pub(crate) fn start_vcpu_checks(&mut self) -> Result<(), crate::Error> {
-        let threads: Vec<libc::pthread_t> = self
-            .vcpus
-            .iter()
-            .map(VcpuHandle::pthread)
-            .collect();
+        let threads: Vec<libc::pthread_t> = self.vcpus.iter().map(VcpuHandle::pthread).collect();
         let exit = Arc::clone(&self.exit);
         let checks = std::thread::Builder::new()
             .name("crx-vcpu-checks".into())

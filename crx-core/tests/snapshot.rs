@@ -429,7 +429,8 @@ fn virtio_fs_is_saved_until_the_guest_mounts_it() {
     wait_for_console(&vmm, "waiting-for-host");
     vmm.pause().expect("pause");
     let snap = dir.join("snap");
-    vmm.snapshot(&snap).expect("a share not mounted yet is saved");
+    vmm.snapshot(&snap)
+        .expect("a share not mounted yet is saved");
     report("virtio-fs saved guest", &vmm.wait_timeout(Duration::ZERO));
 
     let mut restore = RestoreConfig::new(&snap);

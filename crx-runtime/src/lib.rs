@@ -7,6 +7,8 @@
 //! - [`pod`]: pods and their containers: image leases, root filesystems, the agent's
 //!   containers, stopping them, exit codes.
 //! - [`share`]: the container share of a pod VM with several containers.
+//! - [`template`]: pod templates: a sandbox VM snapshotted once its agent answers, restored
+//!   for every later sandbox of the same shape.
 
 pub mod agent;
 pub mod network;
@@ -14,3 +16,4 @@ pub mod pod;
 pub mod sandbox;
 pub mod share;
 pub mod spec;
+pub mod template;

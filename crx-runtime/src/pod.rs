@@ -49,6 +49,8 @@ pub enum PodError {
     NoShare(String),
     #[error(transparent)]
     Share(#[from] ShareError),
+    #[error("pod template: {0}")]
+    Template(#[from] crate::template::TemplateError),
 }
 
 /// What to make.
@@ -65,6 +67,8 @@ pub struct PodRequest {
     pub process: ProcessOverrides,
     /// How long the guest may take to boot and answer.
     pub boot_timeout: Duration,
+    /// Restore the VM from a pod template when one fits (see [`crate::template`]).
+    pub template: bool,
 }
 
 /// A pod whose container is created, not yet started.
@@ -77,6 +81,36 @@ impl Pod {
     pub fn id(&self) -> &str {
         self.sandbox.id()
     }
+}
+
+/// The sandbox of a one-container pod: its image root shared read-only as [`ROOTFS_TAG`], no
+/// network.
+fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
+    SandboxConfig {
+        id: request.id.clone(),
+        vcpus: request.vcpus,
+        mem_mib: request.mem_mib,
+        kernel: request.kernel.clone(),
+        initrd: request.initrd.clone(),
+        shares: vec![Share {
+            tag: ROOTFS_TAG.into(),
+            dir: rootfs,
+            read_only: true,
+        }],
+        vmm: request.vmm.clone(),
+        labels: BTreeMap::new(),
+        network: None,
+        container_share: false,
+        template: request.template,
+    }
+}
+
+/// Makes the pod template `request`'s pods are restored from, if there is none yet; returns its
+/// directory.
+pub fn build_template(run_root: &Path, request: &PodRequest) -> Result<PathBuf, PodError> {
+    let config = sandbox_config(request, PathBuf::new());
+    Ok(crate::template::find_or_build(run_root, &config)?
+        .expect("a pod without a network has a template"))
 }
 
 /// Leases `image`, boots the pod VM and creates its container. On failure nothing is left:
@@ -98,25 +132,11 @@ pub fn create_pod(
             .and_then(|p| p.args().clone())
             .unwrap_or_default()
             .join(" ");
-        let config = SandboxConfig {
-            id: request.id.clone(),
-            vcpus: request.vcpus,
-            mem_mib: request.mem_mib,
-            kernel: request.kernel.clone(),
-            initrd: request.initrd.clone(),
-            shares: vec![Share {
-                tag: ROOTFS_TAG.into(),
-                dir: rootfs.clone(),
-                read_only: true,
-            }],
-            vmm: request.vmm.clone(),
-            labels: BTreeMap::from([
-                (IMAGE_LABEL.to_owned(), image.name.clone()),
-                (COMMAND_LABEL.to_owned(), command),
-            ]),
-            network: None,
-            container_share: false,
-        };
+        let mut config = sandbox_config(request, rootfs.clone());
+        config.labels = BTreeMap::from([
+            (IMAGE_LABEL.to_owned(), image.name.clone()),
+            (COMMAND_LABEL.to_owned(), command),
+        ]);
         let started = sandbox.insert(Sandbox::start(run_root, &config)?);
         let mut agent = started.agent(Instant::now() + request.boot_timeout)?;
         let agent_error = |source| PodError::Agent {

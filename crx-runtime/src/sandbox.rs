@@ -29,6 +29,7 @@ use crx_agent_proto::{ConfigureSandbox, Dns, Interface};
 use crate::agent::{AgentClient, AgentError};
 use crate::network::{self, NetworkConfig, NetworkError, NetworkState};
 use crate::share::{self, ShareError, CONTAINERS_TAG};
+use crate::template;
 
 /// Where sandboxes live unless configured otherwise.
 pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
@@ -36,6 +37,8 @@ pub const DEFAULT_RUN_ROOT: &str = "/run/crx";
 pub const GUEST_CID: u32 = 3;
 /// The agent binary in CRX's initrd, booted as PID 1.
 pub const AGENT_INIT: &str = "/bin/crx-agent";
+/// How long a VM restored from a template may take until its agent answers.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest Unix socket path (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// Room kept for the names of sockets in a sandbox directory (`vsock_<port>`, virtiofsd's
@@ -125,6 +128,9 @@ pub struct SandboxConfig {
     /// Whether the VM gets the container share ([`crate::share`], tag
     /// [`CONTAINERS_TAG`]), into which containers' roots are mounted while it runs.
     pub container_share: bool,
+    /// Restore the VM from a pod template when one fits (made on first use, see
+    /// [`crate::template`]); false boots it cold.
+    pub template: bool,
 }
 
 /// What the guest as a whole gets besides its network (see [`Sandbox::configure`]).
@@ -154,6 +160,9 @@ pub struct SandboxState {
     /// The container share's host directory, when the sandbox has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_share: Option<PathBuf>,
+    /// The pod template the VM was restored from; `None`: booted cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PathBuf>,
 }
 
 /// One sandbox: its directory, its state and, in the process that started it, the VMM child.
@@ -178,6 +187,12 @@ pub fn check_id(id: &str) -> Result<(), SandboxError> {
     }
 }
 
+/// Whether the VMM's and virtiofsd's Unix sockets fit in `dir` (the sockets of a VM are made
+/// in its directory).
+pub(crate) fn sockets_fit_in(dir: &Path) -> bool {
+    dir.as_os_str().len() + 1 + SOCKET_NAME_ROOM <= MAX_SOCKET_PATH
+}
+
 fn sandboxes_dir(run_root: &Path) -> PathBuf {
     run_root.join("sandboxes")
 }
@@ -194,7 +209,7 @@ impl Sandbox {
             .create(&parent)
             .map_err(SandboxError::io("cannot create", &parent))?;
         let dir = parent.join(&config.id);
-        if dir.as_os_str().len() + 1 + SOCKET_NAME_ROOM > MAX_SOCKET_PATH {
+        if !sockets_fit_in(&dir) {
             return Err(SandboxError::PathTooLong(dir));
         }
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -246,7 +261,7 @@ impl Sandbox {
             None => None,
         };
         let network_state = network.as_ref().map(|(state, _)| state.clone());
-        match Self::spawn(&dir, config, network, container_share.clone()) {
+        match Self::spawn_from_template(run_root, &dir, config, network, container_share.clone()) {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Some(state) = network_state {
@@ -260,10 +275,46 @@ impl Sandbox {
         }
     }
 
-    /// Starts the VMM; with a network, it inherits the tap's descriptor.
+    /// Starts the VMM restored from the pod template that fits (made now if there is none
+    /// yet), and checks its agent answers; boots it cold when templates are off, none fits, or
+    /// the template fails (which is then discarded, to be made again).
+    fn spawn_from_template(
+        run_root: &Path,
+        dir: &Path,
+        config: &SandboxConfig,
+        network: Option<(NetworkState, OwnedFd)>,
+        container_share: Option<PathBuf>,
+    ) -> Result<Sandbox, SandboxError> {
+        let template = if config.template && network.is_none() {
+            template::find_or_build(run_root, config).unwrap_or_else(|e| {
+                tracing::warn!(id = %config.id, "no pod template, booting cold: {e}");
+                None
+            })
+        } else {
+            None
+        };
+        let Some(template) = template else {
+            return Self::spawn(dir, config, None, network, container_share);
+        };
+        let mut sandbox = Self::spawn(dir, config, Some(&template), None, container_share.clone())?;
+        match sandbox.agent(Instant::now() + RESTORE_TIMEOUT) {
+            Ok(_) => Ok(sandbox),
+            Err(e) => {
+                tracing::warn!(id = %config.id, "restoring the pod template failed, booting cold: {e}");
+                sandbox.kill();
+                template::discard(&template);
+                let _ = fs::remove_file(sandbox.vsock_path());
+                Self::spawn(dir, config, None, None, container_share)
+            }
+        }
+    }
+
+    /// Starts the VMM (restoring `template` if given); with a network, it inherits the tap's
+    /// descriptor.
     fn spawn(
         dir: &Path,
         config: &SandboxConfig,
+        template: Option<&Path>,
         network: Option<(NetworkState, OwnedFd)>,
         container_share: Option<PathBuf>,
     ) -> Result<Sandbox, SandboxError> {
@@ -273,33 +324,14 @@ impl Sandbox {
         let log_err = log
             .try_clone()
             .map_err(SandboxError::io("cannot duplicate", &log_path))?;
-        let mut cmd = Command::new(&config.vmm);
-        if let Some(kernel) = &config.kernel {
-            cmd.arg("--kernel").arg(kernel);
-        }
-        if let Some(initrd) = &config.initrd {
-            cmd.arg("--initrd").arg(initrd);
-        }
-        cmd.args(["--init", AGENT_INIT])
-            .arg("--vcpus")
-            .arg(config.vcpus.to_string())
-            .arg("--mem-mib")
-            .arg(config.mem_mib.to_string())
-            .arg("--console")
-            .arg(dir.join("console.log"))
-            .arg("--runtime-dir")
-            .arg(dir)
-            .arg("--vsock")
-            .arg(format!("{GUEST_CID},{}", dir.join("vsock").display()));
-        for share in &config.shares {
-            let ro = if share.read_only { ",ro" } else { "" };
-            cmd.arg("--fs")
-                .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
-        }
-        if let Some(share) = &container_share {
-            cmd.arg("--fs")
-                .arg(format!("{CONTAINERS_TAG}={},ro", share.display()));
-        }
+        let start = template.map_or(VmmStart::Boot, VmmStart::Restore);
+        let mut cmd = vmm_command(
+            config,
+            start,
+            dir,
+            &config.shares,
+            container_share.as_deref(),
+        );
         let (network, tap) = network.unzip();
         if let (Some(state), Some(tap)) = (&network, &tap) {
             let fd = tap.as_raw_fd();
@@ -339,6 +371,7 @@ impl Sandbox {
             labels: config.labels.clone(),
             network,
             container_share,
+            template: template.map(Path::to_owned),
         };
         let mut sandbox = Sandbox {
             dir: dir.to_owned(),
@@ -605,6 +638,61 @@ impl Sandbox {
     }
 }
 
+/// How a `crx-vmm` starts its VM.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum VmmStart<'a> {
+    Boot,
+    /// From the pod template in this directory.
+    Restore(&'a Path),
+}
+
+/// The `crx-vmm` command line of `config`'s VM, its sockets and logs in `dir`, with `shares`
+/// (and the container share, if any) over virtio-fs, its agent as PID 1. A restore attaches the
+/// same devices in the same order as the boot the template was made with.
+pub(crate) fn vmm_command(
+    config: &SandboxConfig,
+    start: VmmStart,
+    dir: &Path,
+    shares: &[Share],
+    container_share: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(&config.vmm);
+    match start {
+        VmmStart::Boot => {
+            if let Some(kernel) = &config.kernel {
+                cmd.arg("--kernel").arg(kernel);
+            }
+            if let Some(initrd) = &config.initrd {
+                cmd.arg("--initrd").arg(initrd);
+            }
+            cmd.args(["--init", AGENT_INIT])
+                .arg("--vcpus")
+                .arg(config.vcpus.to_string())
+                .arg("--mem-mib")
+                .arg(config.mem_mib.to_string());
+        }
+        VmmStart::Restore(template) => {
+            cmd.arg("--restore").arg(template);
+        }
+    }
+    cmd.arg("--console")
+        .arg(dir.join("console.log"))
+        .arg("--runtime-dir")
+        .arg(dir)
+        .arg("--vsock")
+        .arg(format!("{GUEST_CID},{}", dir.join("vsock").display()));
+    for share in shares {
+        let ro = if share.read_only { ",ro" } else { "" };
+        cmd.arg("--fs")
+            .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
+    }
+    if let Some(share) = container_share {
+        cmd.arg("--fs")
+            .arg(format!("{CONTAINERS_TAG}={},ro", share.display()));
+    }
+    cmd
+}
+
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
 fn start_ticks(pid: u32) -> Option<u64> {
     Some(proc_stat(pid)?.starttime)
@@ -667,6 +755,7 @@ mod tests {
             labels: BTreeMap::new(),
             network: None,
             container_share: false,
+            template: false,
         };
         let err = Sandbox::start(root.path(), &config).unwrap_err();
         assert!(matches!(err, SandboxError::Spawn { .. }), "{err}");

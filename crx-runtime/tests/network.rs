@@ -271,6 +271,7 @@ fn sandbox_config(id: &str, net: &TestNetwork, rootfs: Option<PathBuf>) -> Sandb
         labels: BTreeMap::new(),
         network: Some(net.config()),
         container_share: false,
+        template: false,
     }
 }
 

@@ -90,7 +90,9 @@ pub enum DeviceState {
     /// a transport reset event.
     Vsock,
     /// A virtio-fs device the guest has not used yet (see `Fs::save_state`), and its mount tag.
-    Fs { tag: String },
+    Fs {
+        tag: String,
+    },
 }
 
 /// A device window in a snapshot.

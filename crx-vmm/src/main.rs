@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, MemoryBacking, RestoreConfig, VmConfig, VmExit, Vmm};
+use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
 use signal_hook::consts::SIGUSR1;
 use signal_hook::iterator::Signals;
-use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
 
 #[derive(clap::Parser)]
 #[command(

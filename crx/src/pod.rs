@@ -12,10 +12,11 @@ use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_image::{ImageRecord, Store};
 use crx_runtime::agent::{Output, StdioAttachment};
 use crx_runtime::pod::{
-    create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
+    build_template, create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
 };
 use crx_runtime::sandbox::{Sandbox, DEFAULT_RUN_ROOT};
 use crx_runtime::spec::ProcessOverrides;
+use crx_runtime::template::templates_dir;
 
 use crate::image::StoreArgs;
 
@@ -77,6 +78,10 @@ pub struct RunArgs {
     /// Guest initrd [default: the installed default guest's].
     #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Boot the VM's kernel instead of restoring it from the pod template (made on first use;
+    /// see `crx template build`).
+    #[arg(long)]
+    cold: bool,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -109,6 +114,9 @@ pub enum PodCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Pod templates: VMs snapshotted once their agent answers, restored for `crx run`.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// List containers (one microVM each).
     Ps {
         #[command(flatten)]
@@ -136,8 +144,61 @@ pub enum PodCommand {
 }
 
 /// Runs `cmd`; returns the exit code for `crx`.
+#[derive(clap::Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Make the template `crx run` with these settings restores from (if there is none yet) and
+    /// print its directory.
+    Build {
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u32,
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: RunRootArgs,
+    },
+    /// Remove every template (the next `crx run` makes its own again).
+    Rm {
+        #[command(flatten)]
+        runtime: RunRootArgs,
+    },
+}
+
 pub fn run(cmd: PodCommand) -> anyhow::Result<i32> {
     match cmd {
+        PodCommand::Template(TemplateCommand::Build {
+            vcpus,
+            mem_mib,
+            kernel,
+            initrd,
+            runtime,
+        }) => {
+            let request = PodRequest {
+                id: "template".into(),
+                vcpus,
+                mem_mib,
+                kernel,
+                initrd,
+                vmm: vmm_binary()?,
+                process: ProcessOverrides::default(),
+                boot_timeout: BOOT_TIMEOUT,
+                template: true,
+            };
+            let dir = build_template(&runtime.dir(), &request)?;
+            println!("{}", dir.display());
+            Ok(0)
+        }
+        PodCommand::Template(TemplateCommand::Rm { runtime }) => {
+            let dir = templates_dir(&runtime.dir());
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(0),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("removing {}", dir.display()))),
+            }
+        }
         PodCommand::Run(args) => run_container(*args),
         PodCommand::Exec {
             tty,
@@ -196,6 +257,7 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
             memory_limit: args.memory_limit_mib.map(|m| m << 20),
         },
         boot_timeout: BOOT_TIMEOUT,
+        template: !args.cold,
     };
     let run_root = &args.runtime.dir();
     let mut pod = create_pod(run_root, &store, &image, &request)

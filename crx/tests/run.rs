@@ -256,6 +256,172 @@ fn crx_run_detached_then_exec_ps_stop_rm() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sandbox bg1"));
 }
 
+/// The pod templates under the run root (complete ones: with a state file).
+fn templates(env: &Env) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(env.run_root().join("templates"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    found.retain(|p| p.join("vmstate").is_file());
+    found.sort();
+    found
+}
+
+/// The template a pod's VM was restored from (`None`: booted cold).
+fn restored_from(env: &Env, id: &str) -> Option<PathBuf> {
+    Sandbox::open(&env.run_root(), id)
+        .expect("the pod's sandbox")
+        .state()
+        .template
+        .clone()
+}
+
+/// Pod templates: the first `crx run` makes one (a VM snapshotted once its agent answers);
+/// later pods are restored from it, several at once, each with its own random numbers (the
+/// host's entropy reseeds each guest); `--cold` boots; a damaged template is discarded and the
+/// pod boots cold; a changed kernel gets a template of its own.
+#[test]
+fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let env = Env::new("template");
+    let out = env.output(&[
+        "run",
+        "--name",
+        "first",
+        &env.layout(),
+        "--",
+        "echo",
+        "made",
+    ]);
+    println!("crx-vm-boot: crx run (template made)");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "made\n");
+    let made = templates(&env);
+    assert_eq!(made.len(), 1, "{made:?}");
+
+    let pods = ["r0", "r1", "r2", "r3"];
+    for pod in pods {
+        let out = env.output(&[
+            "run",
+            "-d",
+            "--name",
+            pod,
+            &env.layout(),
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert!(out.status.success());
+        assert_eq!(restored_from(&env, pod).as_ref(), Some(&made[0]));
+    }
+    println!("crx-vm-boot: crx run -d (4 pods restored from the template)");
+    let mut randoms = Vec::new();
+    for pod in pods {
+        let out = env.output(&[
+            "exec",
+            pod,
+            "--",
+            "sh",
+            "-c",
+            "head -c 16 /dev/urandom | od -An -tx1",
+        ]);
+        assert!(out.status.success());
+        let random = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<String>();
+        assert_eq!(random.len(), 32, "{random:?}");
+        randoms.push(random);
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(
+        randoms.len(),
+        pods.len(),
+        "pods restored from one template share random numbers"
+    );
+
+    let out = env.output(&[
+        "run",
+        "-d",
+        "--cold",
+        "--name",
+        "cold",
+        &env.layout(),
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(restored_from(&env, "cold"), None);
+    println!("crx-vm-boot: crx run -d --cold");
+    let mut rm = vec!["rm", "-f", "cold"];
+    rm.extend(pods);
+    assert!(env.output(&rm).status.success());
+
+    // A damaged template: the pod boots cold, and the template is gone, to be made again.
+    let state = made[0].join("vmstate");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = env.output(&[
+        "run",
+        "-d",
+        "--name",
+        "damaged",
+        &env.layout(),
+        "--",
+        "sleep",
+        "600",
+    ]);
+    println!("crx-vm-boot: crx run -d (damaged template, cold boot)");
+    assert!(out.status.success());
+    assert_eq!(restored_from(&env, "damaged"), None);
+    assert!(!made[0].exists(), "the damaged template was kept");
+    let out = env.output(&["exec", "damaged", "--", "echo", "cold"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cold\n");
+    assert!(env.output(&["rm", "-f", "damaged"]).status.success());
+
+    // Another kernel (a copy of the default one, then rewritten): another template.
+    let guest = crx_core::builder::default_guest_dir();
+    let kernel = env.scratch.join("vmlinux");
+    std::fs::copy(guest.join("vmlinux"), &kernel).unwrap();
+    let initrd = guest.join("initrd.cpio");
+    let build = |env: &Env| {
+        let out = env.output(&[
+            "template",
+            "build",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let before = build(&env);
+    assert!(before.join("vmstate").is_file());
+    assert_eq!(
+        build(&env),
+        before,
+        "an unchanged kernel rebuilt its template"
+    );
+    let rewritten = env.scratch.join("vmlinux.new");
+    std::fs::copy(&kernel, &rewritten).unwrap();
+    std::fs::rename(&rewritten, &kernel).unwrap();
+    let after = build(&env);
+    println!("crx-vm-boot: crx template build (2 kernels)");
+    assert_ne!(after, before);
+    assert!(after.join("vmstate").is_file());
+    assert!(env.output(&["template", "rm"]).status.success());
+    assert!(templates(&env).is_empty());
+    env.assert_clean();
+}
+
 /// Reads `stream` to its end, keeping none of it but its last 4 KiB (where crx's own error
 /// message would be): its length, sha256 (hex) and that tail.
 fn drain_hashing(mut stream: impl Read) -> (u64, String, String) {
