@@ -37,6 +37,8 @@ pub enum AgentError {
     Frame(#[from] FrameError),
     #[error("the agent closed the connection")]
     Closed,
+    #[error("the agent accepted the connection but did not answer Hello in {0:?}")]
+    NoHelloReply(Duration),
     #[error("the agent refused ({code:?}): {message}")]
     Remote { code: ErrorCode, message: String },
     #[error("unexpected reply from the agent: {0}")]
@@ -99,6 +101,9 @@ fn try_connect(uds: &Path, port: u32) -> Result<Option<UnixStream>, AgentError> 
     }
 }
 
+/// The least time the agent gets to answer Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Bytes of fresh host entropy each Hello carries (a 256-bit CRNG key's worth).
 const HELLO_ENTROPY_BYTES: usize = 32;
 
@@ -129,10 +134,25 @@ impl AgentClient {
             protocol_version: PROTOCOL_VERSION,
             entropy: host_entropy()?,
         };
-        match client.call(Kind::Hello(hello))? {
-            response::Result::Hello(reply) => client.hello = reply,
-            other => return Err(unexpected(other)),
+        // A guest that accepts but never answers must not hold the caller forever.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(HELLO_TIMEOUT);
+        client.conn.set_read_timeout(Some(wait))?;
+        match client.call(Kind::Hello(hello)) {
+            Ok(response::Result::Hello(reply)) => client.hello = reply,
+            Ok(other) => return Err(unexpected(other)),
+            Err(AgentError::Frame(FrameError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(AgentError::NoHelloReply(wait))
+            }
+            Err(e) => return Err(e),
         }
+        client.conn.set_read_timeout(None)?;
         Ok(client)
     }
 

@@ -304,6 +304,10 @@ impl Sandbox {
                 sandbox.kill();
                 template::discard(&template);
                 let _ = fs::remove_file(sandbox.vsock_path());
+                // Kept beside the cold boot's, for diagnosis.
+                for log in ["vmm.log", "console.log"] {
+                    let _ = fs::rename(dir.join(log), dir.join(format!("restore-failed.{log}")));
+                }
                 Self::spawn(dir, config, None, None, container_share)
             }
         }

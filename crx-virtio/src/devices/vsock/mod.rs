@@ -69,6 +69,9 @@ pub struct Vsock {
     muxer: Muxer,
     /// A transport reset event is owed to the guest (set by a snapshot restore).
     reset_pending: bool,
+    /// The reset event is sent, and the guest has not yet posted a new event buffer (which
+    /// Linux does once it has handled it).
+    reset_unacknowledged: bool,
 }
 
 impl Vsock {
@@ -88,6 +91,7 @@ impl Vsock {
             guest_cid,
             muxer,
             reset_pending: false,
+            reset_unacknowledged: false,
         })
     }
 
@@ -109,7 +113,9 @@ impl Vsock {
             &active.interrupt,
             |chain| {
                 if sent {
-                    return Ok(Served::Later);
+                    // Every other posted buffer goes back empty (Linux re-posts it unread), so
+                    // the guest's refill after handling the reset notifies the device.
+                    return Ok(Served::Used(0));
                 }
                 let buffers = ChainBuffers::from_chain(chain)?;
                 let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
@@ -123,6 +129,7 @@ impl Vsock {
         if sent {
             tracing::debug!("vsock: transport reset sent to the guest");
             self.reset_pending = false;
+            self.reset_unacknowledged = true;
         }
     }
 
@@ -212,6 +219,7 @@ impl VirtioDevice for Vsock {
         match state {
             DeviceState::Vsock => {
                 self.reset_pending = true;
+                self.muxer.hold_host_connections(true);
                 Ok(())
             }
             other => Err(PersistError::Mismatch(format!(
@@ -237,7 +245,17 @@ impl VirtioDevice for Vsock {
                 self.process_rx();
             }
             Some(Wake::Queue(RX_QUEUE)) => self.process_rx(),
-            Some(Wake::Queue(EVENT_QUEUE)) => self.send_transport_reset(),
+            Some(Wake::Queue(EVENT_QUEUE)) => {
+                if self.reset_unacknowledged {
+                    // The guest refilled its event queue: the reset is handled, and host
+                    // connections can reach it.
+                    self.reset_unacknowledged = false;
+                    self.muxer.hold_host_connections(false);
+                    self.process_rx();
+                } else {
+                    self.send_transport_reset();
+                }
+            }
             Some(Wake::Queue(_)) | None => {}
             Some(Wake::Other(fd)) => {
                 self.muxer.handle_event(fd, events.event_set());
@@ -405,7 +423,8 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_device_sends_one_transport_reset_once_the_guest_posts_an_event_buffer() {
+    fn a_restored_device_sends_one_transport_reset_once_the_guest_posts_an_event_buffer_and_holds_host_connections(
+    ) {
         let scratch = Scratch::new("device-reset");
         let mem = guest_memory();
         let events = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
@@ -419,8 +438,17 @@ mod tests {
             .unwrap();
         device.send_transport_reset();
         device.send_transport_reset();
-        assert_eq!(events.used().idx().load(), 1, "exactly one event");
+        // One event; the other buffer goes back empty, so the guest's refill notifies.
+        assert_eq!(events.used().idx().load(), 2);
+        let lens: Vec<u32> = (0..2)
+            .map(|i| events.used().ring().ref_at(i).unwrap().load().len())
+            .collect();
+        assert_eq!(lens, [4, 0]);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x30000)).unwrap(), 0);
+        assert!(
+            device.reset_unacknowledged,
+            "host connections wait for the guest's refill"
+        );
         assert!(!interrupt.needs_reset());
     }
 

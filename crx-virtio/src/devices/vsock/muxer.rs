@@ -38,6 +38,14 @@ pub struct ConnKey {
     pub peer_port: u32,
 }
 
+/// A host process whose `CONNECT` line is read, held back from the guest (see
+/// [`Muxer::hold_host_connections`]).
+struct HeldConnect {
+    stream: UnixStream,
+    registered: bool,
+    peer_port: u32,
+}
+
 /// A host process that connected to the listener and has not finished its `CONNECT` line.
 struct Handshake {
     stream: UnixStream,
@@ -67,6 +75,10 @@ pub struct Muxer {
     dirty: Vec<ConnKey>,
     /// Sockets to take out of the event loop before they are closed.
     retired: Vec<UnixStream>,
+    /// Host connections are held back from the guest (while it has not yet processed a
+    /// transport reset, which would kill them silently).
+    hold: bool,
+    held: Vec<HeldConnect>,
     next_local_port: u32,
 }
 
@@ -93,6 +105,8 @@ impl Muxer {
             resets: VecDeque::new(),
             dirty: Vec::new(),
             retired: Vec::new(),
+            hold: false,
+            held: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
         })
     }
@@ -396,13 +410,43 @@ impl Muxer {
         let Some(handshake) = self.handshakes.remove(&fd) else {
             return;
         };
+        if self.hold {
+            self.fd_owners.remove(&fd);
+            self.held.push(HeldConnect {
+                stream: handshake.stream,
+                registered: handshake.registered,
+                peer_port,
+            });
+            return;
+        }
+        self.open_host_connection(handshake.stream, handshake.registered, peer_port);
+    }
+
+    /// Holds host connections back from the guest (their `CONNECT` lines are read, the guest
+    /// is sent nothing) until released with `false`, when each gets its REQUEST. A restored
+    /// device holds them until the guest has processed its transport reset: Linux resets every
+    /// connected socket then without telling the peer, so a connection the guest accepted just
+    /// before would hang on the host side for good.
+    pub fn hold_host_connections(&mut self, hold: bool) {
+        self.hold = hold;
+        if hold {
+            return;
+        }
+        for held in std::mem::take(&mut self.held) {
+            self.open_host_connection(held.stream, held.registered, held.peer_port);
+        }
+    }
+
+    /// The host process's socket becomes a connection, and the guest is sent a REQUEST.
+    fn open_host_connection(&mut self, stream: UnixStream, registered: bool, peer_port: u32) {
+        let fd = stream.as_raw_fd();
         let local_port = self.free_local_port(peer_port);
         let key = ConnKey {
             local_port,
             peer_port,
         };
-        let mut conn = Connection::host_initiated(handshake.stream, local_port, peer_port);
-        conn.registered = if handshake.registered {
+        let mut conn = Connection::host_initiated(stream, local_port, peer_port);
+        conn.registered = if registered {
             EventSet::IN
         } else {
             EventSet::empty()
@@ -455,6 +499,13 @@ impl Muxer {
         for stream in self.retired.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&stream)) {
                 tracing::warn!("vsock: cannot unwatch a closed connection: {e}");
+            }
+        }
+        // Nothing is read from a held socket (a hang-up would wake the loop again and again).
+        for held in self.held.iter_mut().filter(|h| h.registered) {
+            match ops.remove(Events::empty(&held.stream)) {
+                Ok(()) => held.registered = false,
+                Err(e) => tracing::warn!("vsock: cannot unwatch a held host connection: {e}"),
             }
         }
         for handshake in self.handshakes.values_mut().filter(|h| !h.registered) {
