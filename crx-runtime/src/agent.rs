@@ -82,6 +82,9 @@ pub fn connect_vsock(uds: &Path, port: u32, deadline: Instant) -> Result<UnixStr
 /// One attempt: `Ok(None)` when the device closed the stream (nobody listens yet).
 fn try_connect(uds: &Path, port: u32) -> Result<Option<UnixStream>, AgentError> {
     let mut stream = UnixStream::connect(uds)?;
+    // The device answers at once, unless it holds the connection (a restored VM whose guest
+    // has not yet handled its transport reset) or the VMM is wedged.
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -95,6 +98,7 @@ fn try_connect(uds: &Path, port: u32) -> Result<Option<UnixStream>, AgentError> 
     if line.is_empty() {
         Ok(None)
     } else if line.starts_with("OK ") {
+        stream.set_read_timeout(None)?;
         Ok(Some(stream))
     } else {
         Err(AgentError::Handshake(line))
