@@ -121,7 +121,7 @@ impl TestHost {
         };
         let fresh = {
             let lock = lock_run_dir(&self.settings)?;
-            lifecycle::ensure(&self.settings, &lock)?
+            lifecycle::replace(&self.settings, &lock, &instance)?
         };
         *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
         client::run(&fresh.agent, request, self.settings.hang_timeout, sink).map_err(|e| match e {

@@ -67,6 +67,27 @@ pub fn ensure(settings: &Settings, _lock: &RunLock) -> Result<Instance, Error> {
     start(settings)
 }
 
+/// Like [`ensure`], but the L1 `lost` (a command in it went silent past the hang timeout,
+/// heartbeats included) is replaced even if it still answers pings: a wedged L1 can keep its
+/// agent's ping alive while no command makes progress. An L1 already replaced by another
+/// caller is not touched again. The caller holds the lock.
+pub fn replace(settings: &Settings, lock: &RunLock, lost: &Instance) -> Result<Instance, Error> {
+    let run_dir = &settings.run_dir;
+    if let Some(instance) = read_state(run_dir)? {
+        if instance == *lost && qemu::is_running(instance.pid, run_dir) {
+            let dump = qemu::dump_hung(run_dir);
+            tracing::warn!(
+                pid = instance.pid,
+                "a command in the test host went silent; registers saved to {}; killing it",
+                dump.display()
+            );
+            qemu::kill(instance.pid, run_dir);
+            return start(settings);
+        }
+    }
+    ensure(settings, lock)
+}
+
 /// What `cargo xtask testhost` shows about a running test host.
 #[derive(Debug)]
 pub struct RunningHost {
