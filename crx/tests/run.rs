@@ -469,13 +469,9 @@ fn crx_run_streams_100_mb_of_stdout_and_of_stderr_at_once_complete_and_apart() {
     let script =
         format!("yes '{OUT_LINE}' | head -c {LEN} & yes '{ERR_LINE}' | head -c {LEN} >&2; wait");
     let started = Instant::now();
-    // Booted cold: restored from a template, this stream broke off ("the agent closed the
-    // connection") in both tries of a fresh-clone release run (never in debug runs); an open
-    // bug, kept apart from what this test checks.
     let mut child = env
         .crx(&[
             "run",
-            "--cold",
             "--name",
             "big1",
             &env.layout(),
