@@ -23,7 +23,14 @@ use crate::{fail, lock};
 type Sink = Arc<Mutex<File>>;
 
 fn send(sink: &Sink, kind: stdio_output::Kind) -> bool {
-    write_frame(&mut *lock(sink), &StdioOutput::of(kind)).is_ok()
+    match write_frame(&mut *lock(sink), &StdioOutput::of(kind)) {
+        Ok(()) => true,
+        Err(e) => {
+            // On the console, which the host shows when a stream ends without its exit status.
+            eprintln!("crx-agent: stdio: cannot write to the host: {e}");
+            false
+        }
+    }
 }
 
 /// Serves one stdio connection.
