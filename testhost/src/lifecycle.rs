@@ -52,15 +52,7 @@ pub fn ensure(settings: &Settings, _lock: &RunLock) -> Result<Instance, Error> {
                     );
                     stop_instance(&instance, settings);
                 }
-                Err(e) => {
-                    let dump = qemu::dump_hung(run_dir);
-                    tracing::warn!(
-                        pid = instance.pid,
-                        "the test host does not answer ({e}); registers saved to {}; killing it",
-                        dump.display()
-                    );
-                    qemu::kill(instance.pid, run_dir);
-                }
+                Err(e) => kill_hung(&instance, run_dir, &format!("does not answer ({e})")),
             }
         }
     }
@@ -75,17 +67,22 @@ pub fn replace(settings: &Settings, lock: &RunLock, lost: &Instance) -> Result<I
     let run_dir = &settings.run_dir;
     if let Some(instance) = read_state(run_dir)? {
         if instance == *lost && qemu::is_running(instance.pid, run_dir) {
-            let dump = qemu::dump_hung(run_dir);
-            tracing::warn!(
-                pid = instance.pid,
-                "a command in the test host went silent; registers saved to {}; killing it",
-                dump.display()
-            );
-            qemu::kill(instance.pid, run_dir);
+            kill_hung(&instance, run_dir, "had a command go silent");
             return start(settings);
         }
     }
     ensure(settings, lock)
+}
+
+/// Dumps a hung L1's registers to `hang-*.txt` and kills it; `why` completes "the test host …".
+fn kill_hung(instance: &Instance, run_dir: &Path, why: &str) {
+    let dump = qemu::dump_hung(run_dir);
+    tracing::warn!(
+        pid = instance.pid,
+        "the test host {why}; registers saved to {}; killing it",
+        dump.display()
+    );
+    qemu::kill(instance.pid, run_dir);
 }
 
 /// What `cargo xtask testhost` shows about a running test host.
