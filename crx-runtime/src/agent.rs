@@ -37,6 +37,8 @@ pub enum AgentError {
     Frame(#[from] FrameError),
     #[error("the agent closed the connection")]
     Closed,
+    #[error("the VMM exited before its agent answered")]
+    VmmExited,
     #[error("the agent accepted the connection but did not answer Hello in {0:?}")]
     NoHelloReply(Duration),
     #[error("the agent refused ({code:?}): {message}")]
@@ -158,6 +160,24 @@ impl AgentClient {
         }
         client.conn.set_read_timeout(None)?;
         Ok(client)
+    }
+
+    /// Like [`AgentClient::connect`], retrying in short steps until `deadline`, but gives up
+    /// with [`AgentError::VmmExited`] as soon as `vmm_running` says the guest's VMM is gone.
+    pub fn connect_while_running(
+        uds: &Path,
+        deadline: Instant,
+        mut vmm_running: impl FnMut() -> bool,
+    ) -> Result<AgentClient, AgentError> {
+        loop {
+            let step = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            match AgentClient::connect(uds, step) {
+                Ok(client) => return Ok(client),
+                Err(_) if !vmm_running() => return Err(AgentError::VmmExited),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            }
+        }
     }
 
     /// The agent's answer to the handshake (its version, its boot → listening time).

@@ -504,23 +504,16 @@ impl Sandbox {
     /// Connects to the agent, retrying while the guest boots, until `deadline`; fails early
     /// with the VMM's log when the VMM has exited.
     pub fn agent(&mut self, deadline: Instant) -> Result<AgentClient, SandboxError> {
-        loop {
-            let step = (Instant::now() + Duration::from_millis(500)).min(deadline);
-            match AgentClient::connect(&self.vsock_path(), step) {
-                Ok(client) => return Ok(client),
-                Err(e) => {
-                    if !self.is_running() {
-                        return Err(SandboxError::VmmExited {
-                            id: self.state.id.clone(),
-                            log: self.log_tail(),
-                        });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(e.into());
-                    }
-                }
+        let vsock = self.vsock_path();
+        AgentClient::connect_while_running(&vsock, deadline, || self.is_running()).map_err(|e| {
+            match e {
+                AgentError::VmmExited => SandboxError::VmmExited {
+                    id: self.state.id.clone(),
+                    log: self.log_tail(),
+                },
+                e => e.into(),
             }
-        }
+        })
     }
 
     /// The last lines of the VMM's log and the guest console, for error reports.

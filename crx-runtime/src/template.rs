@@ -273,22 +273,13 @@ fn build_in(
     let log_tail = || fs::read_to_string(&log_path).unwrap_or_default();
     // The agent answering is the point every pod starts from; the connection is closed again
     // (the snapshot resets vsock connections anyway).
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    loop {
-        let step = (Instant::now() + Duration::from_millis(500)).min(deadline);
-        match AgentClient::connect(&work.join("vsock"), step) {
-            Ok(_) => break,
-            Err(source) => {
-                let exited = !matches!(child.0.try_wait(), Ok(None));
-                if exited || Instant::now() >= deadline {
-                    return Err(TemplateError::Agent {
-                        source,
-                        log: log_tail(),
-                    });
-                }
-            }
-        }
-    }
+    AgentClient::connect_while_running(&work.join("vsock"), Instant::now() + BUILD_TIMEOUT, || {
+        matches!(child.0.try_wait(), Ok(None))
+    })
+    .map_err(|source| TemplateError::Agent {
+        source,
+        log: log_tail(),
+    })?;
     // SAFETY: kill(2) on our own child, not yet waited for, so its pid is still ours.
     if unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGUSR1) } != 0 {
         return Err(io_error("cannot signal", &config.vmm)(
