@@ -516,6 +516,20 @@ impl Sandbox {
         })
     }
 
+    /// Whether the VMM still runs, or how it ended if this process started it, for error
+    /// reports. A VMM on its way out gets up to `grace` to end first: a guest connection that
+    /// broke off is often the first sign of a VM that failed, and the VMM writes why to its log
+    /// as it exits.
+    pub fn vmm_condition(&mut self, grace: Duration) -> String {
+        self.wait_exit(grace);
+        let pid = self.state.vmm_pid;
+        match self.child.as_mut().map(|child| child.try_wait()) {
+            Some(Ok(Some(status))) => format!("VMM (pid {pid}) ended: {status}"),
+            _ if self.is_running() => format!("VMM (pid {pid}) running"),
+            _ => format!("VMM (pid {pid}) gone"),
+        }
+    }
+
     /// The last lines of the VMM's log and the guest console, for error reports.
     pub fn log_tail(&self) -> String {
         let tail = |name: &str| {

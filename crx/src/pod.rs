@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_image::{ImageRecord, Store};
-use crx_runtime::agent::{Output, StdioAttachment};
+use crx_runtime::agent::{AgentError, Output, StdioAttachment};
 use crx_runtime::pod::{
     build_template, create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
 };
@@ -22,6 +22,9 @@ use crate::image::StoreArgs;
 
 /// How long a guest may take to boot and answer (the test host is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a VMM whose guest connection broke off gets to exit (and log why) before the error
+/// is reported.
+const VMM_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Where sandboxes live.
 #[derive(clap::Args, Debug, Clone)]
@@ -276,8 +279,14 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
         forward(attachment, args.tty, args.interactive || args.tty)
     })();
     let outcome = outcome.map_err(|e| {
+        // Only a stream cut short hints at a VM that is going down.
+        let grace = match e.downcast_ref::<AgentError>() {
+            Some(AgentError::Closed | AgentError::Io(_) | AgentError::Frame(_)) => VMM_EXIT_GRACE,
+            _ => Duration::ZERO,
+        };
         e.context(format!(
-            "container {id}; its VM's log:\n{}",
+            "container {id}; {}; its VM's log:\n{}",
+            pod.sandbox.vmm_condition(grace),
             pod.sandbox.log_tail()
         ))
     });

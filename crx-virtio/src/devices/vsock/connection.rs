@@ -356,6 +356,11 @@ impl Connection {
                 let iovecs = payload_space.iovecs(mem, true)?;
                 match read_iovecs(&self.stream, &iovecs) {
                     Ok(0) => {
+                        tracing::debug!(
+                            "vsock: host EOF on {}:{} (asked for {wanted} bytes)",
+                            self.local_port,
+                            self.peer_port
+                        );
                         self.host_eof = true;
                         self.host_readable = false;
                         if peer_closed_entirely(&self.stream) {

@@ -160,10 +160,23 @@ impl Muxer {
                 Ok(())
             }
             Some(Op::Shutdown) => {
+                tracing::debug!(
+                    "vsock: the guest shut down connection {}:{} (flags {:#x}, {} bytes held)",
+                    key.local_port,
+                    key.peer_port,
+                    header.flags,
+                    conn.undelivered()
+                );
                 conn.on_guest_shutdown(header.flags);
                 Ok(())
             }
             Some(Op::Rst) => {
+                tracing::debug!(
+                    "vsock: the guest reset connection {}:{} ({:?})",
+                    key.local_port,
+                    key.peer_port,
+                    conn.state()
+                );
                 if conn.undelivered() > 0 {
                     tracing::warn!(
                         "vsock: the guest reset connection {}:{} with {} of its bytes not yet \
