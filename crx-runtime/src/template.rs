@@ -187,7 +187,8 @@ pub fn find_or_build(
     // One builder at a time; whoever waited finds the template made.
     let lock_path = parent.join(".lock");
     let lock = fs::File::create(&lock_path).map_err(io_error("cannot create", &lock_path))?;
-    lock.lock().map_err(io_error("cannot lock", &lock_path))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io_error("cannot lock", &lock_path)(e.into()))?;
     if !dir.join(STATE_FILE).exists() {
         build(config, &key, &dir)?;
     }
