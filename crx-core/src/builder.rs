@@ -346,6 +346,7 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
             fingerprint: cpuid::fingerprint(&template_cpuid, config.vcpus),
         },
         memory_is_memfd: true,
+        page_loader: None,
         vm,
         guest_memory,
     };
@@ -386,7 +387,7 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
         .into());
     }
     let device_configs = restore_devices(&state.devices, config.devices.as_deref())?;
-    if config.memory_backing == MemoryBacking::Private {
+    if !config.memory_backing.is_shareable() {
         if let Some(index) = device_configs
             .iter()
             .position(|d| matches!(d, DeviceConfig::Fs(_)))
@@ -415,7 +416,10 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
     if crx_kvm_probe::vcpu_is_pvm(vcpus[0].fd()) {
         return Err(Error::PvmHost);
     }
-    let guest_memory = snapshot::memory::restore(
+    let snapshot::RestoredMemory {
+        memory: guest_memory,
+        loader: page_loader,
+    } = snapshot::memory::restore(
         &config.memory,
         u64::from(machine.mem_mib) << 20,
         config.memory_backing,
@@ -470,9 +474,11 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
         devices: AttachedDevices { serial, virtio },
         machine: state.machine,
         cpu,
+        // A lazily filled memfd's holes are pages not loaded yet, not zeros.
         memory_is_memfd: config.memory_backing == MemoryBacking::Memfd,
         vm,
         guest_memory,
+        page_loader,
     };
     parts.run(vcpus, devices, buses)
 }
@@ -488,6 +494,7 @@ struct VmParts {
     memory_is_memfd: bool,
     vm: Vm,
     guest_memory: vm_memory::GuestMemoryMmap,
+    page_loader: Option<snapshot::lazy::PageLoader>,
 }
 
 impl VmParts {
@@ -520,6 +527,7 @@ impl VmParts {
             memory_is_memfd: self.memory_is_memfd,
             vm: self.vm,
             guest_memory: self.guest_memory,
+            _page_loader: self.page_loader,
         };
         for vcpu in vcpus {
             // On a failed spawn, dropping `vmm` stops the threads already started.

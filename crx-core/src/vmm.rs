@@ -226,6 +226,8 @@ pub struct Vmm {
     // Field order is drop order: the VM fd goes before the memory it maps.
     pub(crate) vm: Vm,
     pub(crate) guest_memory: GuestMemoryMmap,
+    /// Fills lazily restored RAM: stopped last, once nothing touches the RAM any more.
+    pub(crate) _page_loader: Option<crate::snapshot::lazy::PageLoader>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {

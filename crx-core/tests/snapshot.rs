@@ -439,7 +439,8 @@ fn virtio_fs_is_saved_until_the_guest_mounts_it() {
         restore_error(&snap, |c| *c = restore.clone()),
         SnapshotError::VirtioFsNeedsMemfd { index: 1 }
     ));
-    restore.memory_backing = MemoryBacking::Memfd;
+    // RAM loaded page by page on first touch: virtiofsd maps the memfd too.
+    restore.memory_backing = MemoryBacking::LazyMemfd;
     let outcome = restore_vm(&restore)
         .expect("restore with virtio-fs")
         .wait_timeout(BOOT_TIMEOUT);

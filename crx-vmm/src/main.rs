@@ -63,15 +63,19 @@ struct BootArgs {
     /// write `CONNECT <port>\n`; guest connections to host port P reach `UDS_P`)
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
-    /// Restore the snapshot in DIR (its `vmstate` and `memory` files, RAM mapped copy-on-write)
-    /// instead of booting. Device flags, if any, replace the snapshot's devices one for one, in
-    /// the order disks, nets, shares, rng, vsock (the order a boot attaches them in)
-    /// (its RAM copied into a memfd instead when a virtio-fs device is attached, which virtiofsd
-    /// must map).
+    /// Restore the snapshot in DIR (its `vmstate` and `memory` files) instead of booting.
+    /// Device flags, if any, replace the snapshot's devices one for one, in the order disks,
+    /// nets, shares, rng, vsock (the order a boot attaches them in)
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "init", "vcpus", "mem_mib", "cpu_template", "command",
     ])]
     restore: Option<PathBuf>,
+    /// How a restored VM's RAM is backed: `private` (the memory file mapped copy-on-write),
+    /// `copy` (copied into a memfd up front) or `lazy` (a memfd filled page by page on first
+    /// touch, through userfaultfd) [default: lazy with a virtio-fs device, which virtiofsd must
+    /// map, else private]
+    #[arg(long, value_name = "KIND", value_parser = parse_memory_backing, requires = "restore")]
+    restore_memory: Option<MemoryBacking>,
     /// On SIGUSR1, pause the VM, write a snapshot of it to DIR, end it and exit 0 (how a pod
     /// template is made once its guest is ready)
     #[arg(long, value_name = "DIR")]
@@ -126,9 +130,13 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         Some(dir) => {
             let mut config = RestoreConfig::new(dir);
             config.console = console;
-            if devices.iter().any(|d| matches!(d, DeviceConfig::Fs(_))) {
-                config.memory_backing = MemoryBacking::Memfd;
-            }
+            config.memory_backing = match args.restore_memory {
+                Some(backing) => backing,
+                None if devices.iter().any(|d| matches!(d, DeviceConfig::Fs(_))) => {
+                    MemoryBacking::LazyMemfd
+                }
+                None => MemoryBacking::Private,
+            };
             config.devices = (!devices.is_empty()).then_some(devices);
             crx_core::builder::restore_vm_at(&config, launch)
                 .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?
@@ -311,6 +319,15 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
 }
 
 /// `NAME|fd=N[,mac=XX:XX:XX:XX:XX:XX]`
+fn parse_memory_backing(s: &str) -> Result<MemoryBacking, String> {
+    match s {
+        "private" => Ok(MemoryBacking::Private),
+        "copy" => Ok(MemoryBacking::Memfd),
+        "lazy" => Ok(MemoryBacking::LazyMemfd),
+        _ => Err(format!("{s:?}: expected private, copy or lazy")),
+    }
+}
+
 fn parse_net(spec: &str) -> Result<NetConfig, String> {
     let mut parts = spec.split(',');
     let tap = match parts.next().unwrap_or_default() {

@@ -275,10 +275,50 @@ fn restored_from(env: &Env, id: &str) -> Option<PathBuf> {
         .clone()
 }
 
+/// Proportional set size (PSS) of a pod: its VMM and every process under it (virtiofsd), in
+/// bytes. Guest RAM pages mapped by both the VMM and virtiofsd count once in all.
+fn pod_pss(env: &Env, id: &str) -> u64 {
+    let vmm = Sandbox::open(&env.run_root(), id)
+        .expect("the pod's sandbox")
+        .state()
+        .vmm_pid as i32;
+    let processes: Vec<procfs::process::Process> = procfs::process::all_processes()
+        .expect("/proc")
+        .flatten()
+        .collect();
+    let parent = |p: &procfs::process::Process| p.stat().map(|s| s.ppid).unwrap_or(0);
+    let mut pod = vec![vmm];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for p in &processes {
+            if !pod.contains(&p.pid) && pod.contains(&parent(p)) {
+                pod.push(p.pid);
+                grew = true;
+            }
+        }
+    }
+    pod.iter()
+        .map(|&pid| {
+            procfs::process::Process::new(pid)
+                .and_then(|p| p.smaps_rollup())
+                .map(|r| {
+                    r.memory_map_rollup
+                        .0
+                        .iter()
+                        .filter_map(|m| m.extension.map.get("Pss"))
+                        .sum::<u64>()
+                })
+                .unwrap_or_else(|e| panic!("PSS of pid {pid} in pod {id}: {e}"))
+        })
+        .sum()
+}
+
 /// Pod templates: the first `crx run` makes one (a VM snapshotted once its agent answers);
-/// later pods are restored from it, several at once, each with its own random numbers (the
-/// host's entropy reseeds each guest); `--cold` boots; a damaged template is discarded and the
-/// pod boots cold; a changed kernel gets a template of its own.
+/// 20 pods are then restored from it and run at once, each with its own hostname and its own
+/// random numbers (the host's entropy reseeds each guest), and all together in far less memory
+/// than 20 booted pods (PSS); `--cold` boots; a damaged template is discarded and the pod boots
+/// cold; a changed kernel gets a template of its own.
 #[test]
 fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
     if !crx_testhost::vm_test_here!() {
@@ -300,8 +340,8 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
     let made = templates(&env);
     assert_eq!(made.len(), 1, "{made:?}");
 
-    let pods = ["r0", "r1", "r2", "r3"];
-    for pod in pods {
+    let pods: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    for pod in &pods {
         let out = env.output(&[
             "run",
             "-d",
@@ -315,21 +355,25 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
         assert!(out.status.success());
         assert_eq!(restored_from(&env, pod).as_ref(), Some(&made[0]));
     }
-    println!("crx-vm-boot: crx run -d (4 pods restored from the template)");
+    println!(
+        "crx-vm-boot: crx run -d ({} pods restored from the template)",
+        pods.len()
+    );
     let mut randoms = Vec::new();
-    for pod in pods {
+    for pod in &pods {
         let out = env.output(&[
             "exec",
             pod,
             "--",
             "sh",
             "-c",
-            "head -c 16 /dev/urandom | od -An -tx1",
+            "hostname; head -c 16 /dev/urandom | od -An -tx1",
         ]);
         assert!(out.status.success());
-        let random = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .collect::<String>();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (hostname, random) = stdout.split_once('\n').expect("two lines");
+        assert_eq!(hostname, pod, "the pod's hostname");
+        let random = random.split_whitespace().collect::<String>();
         assert_eq!(random.len(), 32, "{random:?}");
         randoms.push(random);
     }
@@ -340,6 +384,12 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
         pods.len(),
         "pods restored from one template share random numbers"
     );
+    let restored_pss: u64 = pods.iter().map(|pod| pod_pss(&env, pod)).sum();
+    // The template's memory file is shared by all of them (tmpfs pages, read by each VMM's
+    // page loader).
+    let template_file =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(made[0].join("memory")).unwrap())
+            * 512;
 
     let out = env.output(&[
         "run",
@@ -355,8 +405,26 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
     assert!(out.status.success());
     assert_eq!(restored_from(&env, "cold"), None);
     println!("crx-vm-boot: crx run -d --cold");
+    // Idle, like the restored ones once their exec ended.
+    assert!(env.output(&["exec", "cold", "--", "true"]).status.success());
+    let cold_pss = pod_pss(&env, "cold");
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let n = pods.len() as u64;
+    println!(
+        "crx-pss: {n} restored idle pods {:.1} MiB in all ({:.1} MiB each) + their template's memory file {:.1} MiB; one booted idle pod {:.1} MiB ({n}x: {:.1} MiB)",
+        mib(restored_pss),
+        mib(restored_pss / n),
+        mib(template_file),
+        mib(cold_pss),
+        mib(cold_pss * n)
+    );
+    assert!(
+        restored_pss + template_file < cold_pss * n / 2,
+        "{n} restored pods take {restored_pss} bytes (+ {template_file} of template), not far below {n} booted pods' {}",
+        cold_pss * n
+    );
     let mut rm = vec!["rm", "-f", "cold"];
-    rm.extend(pods);
+    rm.extend(pods.iter().map(String::as_str));
     assert!(env.output(&rm).status.success());
 
     // A damaged template: the pod boots cold, and the template is gone, to be made again.

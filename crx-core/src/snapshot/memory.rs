@@ -6,8 +6,9 @@
 //! holes in the file. RAM that is itself a privately mapped memory file (a restored VM) is read
 //! whole, pages never touched included. The file is written under a temporary name and renamed
 //! into place, so VMs still mapping an older file of that name keep theirs intact. Restoring
-//! either maps the file privately ([`MemoryBacking::Private`]) or copies its data into a fresh
-//! memfd ([`MemoryBacking::Memfd`]).
+//! either maps the file privately ([`MemoryBacking::Private`]), copies its data into a fresh
+//! memfd ([`MemoryBacking::Memfd`]), or fills a fresh memfd page by page as the guest touches it
+//! ([`MemoryBacking::LazyMemfd`], [`super::lazy`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -40,6 +41,25 @@ pub enum MemoryBacking {
     /// A fresh memfd filled with the file's data: the restore reads the whole file and each VM
     /// holds its own copy, but the RAM is shareable again (vhost-user backends can map it).
     Memfd,
+    /// A fresh memfd that a userfaultfd handler fills from the file as pages are first touched
+    /// ([`super::lazy`]): shareable like [`MemoryBacking::Memfd`], and each VM holds only what it
+    /// has used since the restore. Where no userfaultfd can be had, the file is copied as for
+    /// [`MemoryBacking::Memfd`].
+    LazyMemfd,
+}
+
+impl MemoryBacking {
+    /// Whether the RAM is a memfd (vhost-user backends can map it).
+    pub fn is_shareable(self) -> bool {
+        self != MemoryBacking::Private
+    }
+}
+
+/// Restored guest RAM, and the thread filling it when it is restored lazily (it must outlive
+/// every access to the RAM).
+pub struct RestoredMemory {
+    pub memory: GuestMemoryMmap,
+    pub loader: Option<super::lazy::PageLoader>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -163,16 +183,41 @@ pub fn restore(
     path: &Path,
     size: u64,
     backing: MemoryBacking,
-) -> Result<GuestMemoryMmap, crate::Error> {
+) -> Result<RestoredMemory, crate::Error> {
     let file = open_sized(path, size)?;
-    match backing {
-        MemoryBacking::Private => Ok(map_private(path, file, size)?),
+    let memory = match backing {
+        MemoryBacking::Private => map_private(path, file, size)?,
         MemoryBacking::Memfd => {
             let mem = memory::create(size)?;
             fill(&mem, path, &file, size)?;
-            Ok(mem)
+            mem
         }
-    }
+        MemoryBacking::LazyMemfd => {
+            let mem = memory::create(size)?;
+            let data = data_ranges(&file, 0, size).map_err(io_err(path))?;
+            let reader = file.try_clone().map_err(io_err(path))?;
+            match super::lazy::start(&mem, reader, path, data) {
+                Ok(loader) => {
+                    return Ok(RestoredMemory {
+                        memory: mem,
+                        loader: Some(loader),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!("restoring guest RAM by copying it instead: {e}");
+                    // A failed registration may have left part of it registered.
+                    drop(mem);
+                    let mem = memory::create(size)?;
+                    fill(&mem, path, &file, size)?;
+                    mem
+                }
+            }
+        }
+    };
+    Ok(RestoredMemory {
+        memory,
+        loader: None,
+    })
 }
 
 /// Maps each RAM range of the (read-only) file MAP_PRIVATE: writes land in the process's own
@@ -227,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn memory_round_trips_sparsely_through_both_backings() {
+    fn memory_round_trips_sparsely_through_every_backing() {
         let size = 16 << 20;
         let mem = memory::create(size).unwrap();
         mem.write_obj(0xfeed_u64, GuestAddress(0x1000)).unwrap();
@@ -240,8 +285,13 @@ mod tests {
         assert_eq!(written, 4 * PAGE as u64);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
 
-        for backing in [MemoryBacking::Private, MemoryBacking::Memfd] {
-            let back = restore(&path, size, backing).unwrap();
+        for backing in [
+            MemoryBacking::Private,
+            MemoryBacking::Memfd,
+            MemoryBacking::LazyMemfd,
+        ] {
+            let restored = restore(&path, size, backing).unwrap();
+            let back = &restored.memory;
             assert_eq!(back.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
             assert_eq!(
                 back.read_obj::<u8>(GuestAddress((9 << 20) + 100)).unwrap(),
@@ -250,7 +300,7 @@ mod tests {
             assert_eq!(back.read_obj::<u64>(GuestAddress(12 << 20)).unwrap(), 0);
             back.write_obj(1u64, GuestAddress(0x1000)).unwrap();
         }
-        let again = restore(&path, size, MemoryBacking::Private).unwrap();
+        let again = restore(&path, size, MemoryBacking::Private).unwrap().memory;
         assert_eq!(
             again.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
             0xfeed,
@@ -263,13 +313,70 @@ mod tests {
             again.read_obj::<u8>(GuestAddress((9 << 20) + 100)).unwrap(),
             7
         );
-        let third = restore(&path, size, MemoryBacking::Private).unwrap();
+        let third = restore(&path, size, MemoryBacking::Private).unwrap().memory;
         assert_eq!(third.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0xbeef);
         assert_eq!(third.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
         assert!(matches!(
             restore(&path, size * 2, MemoryBacking::Private),
             Err(crate::Error::Snapshot(SnapshotError::MemoryFileSize { .. }))
         ));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_lazy_restore_loads_pages_on_first_touch_and_keeps_pages_another_mapping_wrote() {
+        let size = 16 << 20;
+        let run = 1u64 << 20;
+        let mem = memory::create(size).unwrap();
+        mem.write_slice(&[7u8; 32 * PAGE], GuestAddress(run))
+            .unwrap();
+        let path = scratch("lazy");
+        write(&mem, true, &path).unwrap();
+        let back = restore(&path, size, MemoryBacking::LazyMemfd).unwrap();
+        assert!(back.loader.is_some(), "no userfaultfd: run as root");
+        let region = back.memory.iter().next().unwrap();
+        assert_eq!(region.start_addr(), GuestAddress(0));
+        let memfd = region.file_offset().unwrap().file();
+        let resident = || -> Vec<(u64, u64)> { data_ranges(memfd, 0, size).unwrap() };
+        assert_eq!(resident(), vec![], "nothing is loaded before it is touched");
+
+        // Another process (virtiofsd) writes page 3 of the run through its own mapping first.
+        memfd
+            .write_all_at(&[9u8; PAGE], run + 3 * PAGE as u64)
+            .unwrap();
+        // The guest touches page 0: its 64 KiB block loads, all but the page present already.
+        assert_eq!(back.memory.read_obj::<u8>(GuestAddress(run)).unwrap(), 7);
+        assert_eq!(
+            resident(),
+            vec![(run, run + super::super::lazy::BLOCK as u64)]
+        );
+        assert_eq!(
+            back.memory
+                .read_obj::<u8>(GuestAddress(run + 3 * PAGE as u64 + 5))
+                .unwrap(),
+            9
+        );
+        assert_eq!(
+            back.memory
+                .read_obj::<u8>(GuestAddress(run + 5 * PAGE as u64))
+                .unwrap(),
+            7
+        );
+        // A page the file has no data for reads as zeros, and loads alone.
+        assert_eq!(
+            back.memory.read_obj::<u64>(GuestAddress(12 << 20)).unwrap(),
+            0
+        );
+        let pages: u64 = resident().iter().map(|(a, b)| b - a).sum();
+        assert_eq!(pages, super::super::lazy::BLOCK as u64 + PAGE as u64);
+        // Past the block, the rest of the run loads when touched.
+        assert_eq!(
+            back.memory
+                .read_obj::<u8>(GuestAddress(run + 31 * PAGE as u64))
+                .unwrap(),
+            7
+        );
+        drop(back);
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -22,7 +22,8 @@
 //! which can neither save it nor take it back; before that, a new virtiofsd serving the rings
 //! from their start is all a restored guest needs (a pod template is taken before any container
 //! mounts its root). A privately mapped restore cannot share guest RAM with virtiofsd, so a VM
-//! with virtio-fs is restored into a memfd copy ([`SnapshotError::VirtioFsNeedsMemfd`]).
+//! with virtio-fs is restored into a memfd ([`SnapshotError::VirtioFsNeedsMemfd`]), best one
+//! filled lazily.
 //!
 //! Restoring ([`crate::builder::restore_vm`]) refuses a state file that is truncated, corrupt,
 //! from another format or CRX version, or from a host whose CPU (as the snapshot's CPU template
@@ -30,8 +31,10 @@
 //! MAP_PRIVATE by default ([`MemoryBacking::Private`]): N VMs restored from one snapshot share its
 //! clean pages in the page cache and copy only what each writes. That RAM is no memfd, so
 //! virtio-fs's vhost-user backend could not map it; [`MemoryBacking::Memfd`] copies the file into
-//! a fresh memfd instead (a full copy per VM, but shareable), the path to take once virtio-fs
-//! can be restored. Per-VM settings may change where that is safe: each device's backend (the
+//! a fresh memfd instead (a full copy per VM, but shareable), and [`MemoryBacking::LazyMemfd`]
+//! ([`lazy`]) fills a fresh memfd through userfaultfd as pages are first touched, so each VM
+//! holds only what it used since the restore (an idle pod restored from a template: about a
+//! quarter of a booted one). Per-VM settings may change where that is safe: each device's backend (the
 //! vsock CID and socket path, the net tap and MAC, the block image, which must be the same size
 //! and hold what the snapshot's did); vCPUs and memory are the snapshot's.
 //!
@@ -46,6 +49,7 @@
 //! is the guest agent's job after a restore (RNDADDENTROPY with host bytes, then RNDRESEEDCRNG).
 
 pub mod format;
+pub mod lazy;
 pub mod memory;
 
 use std::fs::OpenOptions;
@@ -62,7 +66,7 @@ use crate::devices::legacy::SerialState;
 pub use crate::vstate::vcpu::state::VcpuState;
 pub use crate::vstate::vm::VmState;
 pub use format::{CpuIdentity, CRX_VERSION, FORMAT_VERSION};
-pub use memory::MemoryBacking;
+pub use memory::{MemoryBacking, RestoredMemory};
 
 /// The state file's name in a snapshot directory.
 pub const STATE_FILE: &str = "vmstate";
@@ -205,6 +209,8 @@ pub enum SnapshotError {
     VmEnded,
     #[error("virtio-fs device {index} needs guest memory virtiofsd can map: restore it into a memfd copy, not the privately mapped memory file")]
     VirtioFsNeedsMemfd { index: usize },
+    #[error("userfaultfd: {0}")]
+    Userfaultfd(String),
     #[error("virtio device {index}: {source}")]
     Device {
         index: usize,
