@@ -8,7 +8,8 @@
 //! already present (another mapping of the memfd wrote them first: virtiofsd writing a reply
 //! into a buffer the guest never touched since the restore, which is no page the snapshot had
 //! data in that anyone reads again) are left as they are. The loader reads the file with
-//! `pread`, so holes in a tmpfs file stay holes.
+//! `pread`, so holes in a tmpfs file stay holes. The RAM gets no transparent huge pages:
+//! khugepaged's collapse of a shmem range fills its holes with zeros without a fault.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -87,6 +88,16 @@ pub(super) fn start(
     for region in mem.iter() {
         let host = region.as_ptr() as usize;
         let len = region.len() as usize;
+        // khugepaged would collapse the memfd's pages into huge pages, filling the holes (pages
+        // not loaded yet) with zeros behind the userfaultfd's back: seen in the test host as
+        // guest kernel text reading as zeros. No huge pages for lazily loaded RAM.
+        // SAFETY: madvise on the region's own mapping; MADV_NOHUGEPAGE changes no contents.
+        if unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) } != 0 {
+            return Err(SnapshotError::Userfaultfd(format!(
+                "MADV_NOHUGEPAGE: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
         uffd.register(host as *mut libc::c_void, len)
             .map_err(uffd_err)?;
         regions.push(Region {
