@@ -24,6 +24,8 @@ pub const EXAMPLE: &str = r#"Configuration file (TOML; every key optional, defau
   vcpus = 1                    # default pod VM size
   memory_mib = 128
   boot_timeout_secs = 60       # how long a pod VM may take to boot and answer
+  templates = true             # restore pod VMs from a snapshot of one booted VM of their
+                               # shape (made on first use); false boots every pod VM cold
 
   [network]
   cni_conf_dir = "/etc/cni/net.d"
@@ -77,6 +79,8 @@ pub struct RuntimeConfig {
     pub memory_mib: u32,
     /// How long a pod VM may take to boot and answer.
     pub boot_timeout_secs: u64,
+    /// Restore pod VMs from pod templates ([`crx_runtime::template`]); false: boot each cold.
+    pub templates: bool,
 }
 
 /// Where pod networking finds its CNI configuration and plugins.
@@ -125,6 +129,7 @@ impl Default for RuntimeConfig {
             vcpus: 1,
             memory_mib: 128,
             boot_timeout_secs: 60,
+            templates: true,
         }
     }
 }

@@ -196,9 +196,7 @@ impl Runtime {
             )]),
             network,
             container_share: true,
-            // CRI pods boot cold until templates cover pod networks (a host-network pod
-            // could use one, but critest's timing has not been checked with templates).
-            template: false,
+            template: self.config.runtime.templates,
         };
         let mut sandbox =
             Sandbox::start(&self.run_root(), &sandbox_config).map_err(sandbox_status)?;

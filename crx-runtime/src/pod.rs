@@ -109,8 +109,7 @@ fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
 /// directory.
 pub fn build_template(run_root: &Path, request: &PodRequest) -> Result<PathBuf, PodError> {
     let config = sandbox_config(request, PathBuf::new());
-    Ok(crate::template::find_or_build(run_root, &config)?
-        .expect("a pod without a network has a template"))
+    Ok(crate::template::find_or_build(run_root, &config)?)
 }
 
 /// Leases `image`, boots the pod VM and creates its container. On failure nothing is left:

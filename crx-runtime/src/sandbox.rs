@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -285,18 +285,27 @@ impl Sandbox {
         network: Option<(NetworkState, OwnedFd)>,
         container_share: Option<PathBuf>,
     ) -> Result<Sandbox, SandboxError> {
-        let template = if config.template && network.is_none() {
-            template::find_or_build(run_root, config).unwrap_or_else(|e| {
-                tracing::warn!(id = %config.id, "no pod template, booting cold: {e}");
-                None
-            })
+        let template = if config.template {
+            template::find_or_build(run_root, config)
+                .inspect_err(
+                    |e| tracing::warn!(id = %config.id, "no pod template, booting cold: {e}"),
+                )
+                .ok()
         } else {
             None
         };
         let Some(template) = template else {
-            return Self::spawn(dir, config, None, network, container_share);
+            return Self::spawn(dir, config, None, network.as_ref(), container_share);
         };
-        let mut sandbox = Self::spawn(dir, config, Some(&template), None, container_share.clone())?;
+        // The tap stays open here until the restored guest answers: a cold boot after a failed
+        // restore needs it again (it would die with the failed VMM's descriptor otherwise).
+        let mut sandbox = Self::spawn(
+            dir,
+            config,
+            Some(&template),
+            network.as_ref(),
+            container_share.clone(),
+        )?;
         match sandbox.agent(Instant::now() + RESTORE_TIMEOUT) {
             Ok(_) => Ok(sandbox),
             Err(e) => {
@@ -308,18 +317,18 @@ impl Sandbox {
                 for log in ["vmm.log", "console.log"] {
                     let _ = fs::rename(dir.join(log), dir.join(format!("restore-failed.{log}")));
                 }
-                Self::spawn(dir, config, None, None, container_share)
+                Self::spawn(dir, config, None, network.as_ref(), container_share)
             }
         }
     }
 
     /// Starts the VMM (restoring `template` if given); with a network, it inherits the tap's
-    /// descriptor.
+    /// descriptor, and the guest's interface gets the pod's MAC.
     fn spawn(
         dir: &Path,
         config: &SandboxConfig,
         template: Option<&Path>,
-        network: Option<(NetworkState, OwnedFd)>,
+        network: Option<&(NetworkState, OwnedFd)>,
         container_share: Option<PathBuf>,
     ) -> Result<Sandbox, SandboxError> {
         let log_path = dir.join("vmm.log");
@@ -336,21 +345,8 @@ impl Sandbox {
             &config.shares,
             container_share.as_deref(),
         );
-        let (network, tap) = network.unzip();
-        if let (Some(state), Some(tap)) = (&network, &tap) {
-            let fd = tap.as_raw_fd();
-            cmd.arg("--net")
-                .arg(format!("fd={fd},mac={}", state.guest.mac));
-            // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and
-            // only clears close-on-exec on the tap's descriptor in the child's own table.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        if let Some((state, tap)) = network {
+            pass_tap(&mut cmd, tap.as_fd(), &state.guest.mac);
         }
         cmd.stdin(Stdio::null())
             .stdout(log)
@@ -360,7 +356,6 @@ impl Sandbox {
             path: config.vmm.clone(),
             source,
         })?;
-        drop(tap);
         let pid = child.id();
         let state = SandboxState {
             id: config.id.clone(),
@@ -373,7 +368,7 @@ impl Sandbox {
             mem_mib: config.mem_mib,
             shares: config.shares.clone(),
             labels: config.labels.clone(),
-            network,
+            network: network.map(|(state, _)| state.clone()),
             container_share,
             template: template.map(Path::to_owned),
         };
@@ -702,6 +697,23 @@ pub(crate) fn vmm_command(
             .arg(format!("{CONTAINERS_TAG}={},ro", share.display()));
     }
     cmd
+}
+
+/// Gives the VMM `cmd` starts a virtio-net device on `tap` (inherited) with `mac`.
+pub(crate) fn pass_tap(cmd: &mut Command, tap: BorrowedFd<'_>, mac: &str) {
+    let fd = tap.as_raw_fd();
+    cmd.arg("--net").arg(format!("fd={fd},mac={mac}"));
+    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and only
+    // clears close-on-exec on the tap's descriptor in the child's own table (the caller keeps
+    // the descriptor open until the child is spawned).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.

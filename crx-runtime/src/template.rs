@@ -15,11 +15,15 @@
 //! the restored VM gets new virtiofsd processes on the pod's own directories. Its vsock
 //! connections are reset by the restore, and each `Hello` the host sends carries fresh
 //! entropy that the agent reseeds the guest's CRNG with, so no two pods share random state.
-//! Sandboxes with a pod network boot cold: the template would need a tap of its own and the
-//! guest's MAC changed after restore (left for later).
+//!
+//! A sandbox with a pod network has a template with a network device: made on a throwaway tap
+//! in a namespace of its own (it dies with the template VM), and restored onto the pod's tap.
+//! The guest's interface stays down until the agent configures it, with the pod's MAC,
+//! addresses and routes, so nothing of the template's network survives into a pod.
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +33,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crx_virtio::devices::tap::{Tap, TapError};
+
 use crate::agent::{AgentClient, AgentError};
+use crate::network::{link::TAP_NAME, netns};
 use crate::sandbox::{SandboxConfig, Share};
 
 /// The template directory's key file.
@@ -38,6 +45,9 @@ const KEY_FILE: &str = "key.json";
 const STATE_FILE: &str = "vmstate";
 /// How long a template VM may take to boot to its agent, and to write its snapshot.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
+/// The MAC of a template's network device (a locally administered one; every pod restored
+/// from the template gets its own).
+const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
 
 /// Why a template could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +77,10 @@ pub enum TemplateError {
         "template directory {0} is too long for the Unix sockets in it: use a shorter run root"
     )]
     PathTooLong(PathBuf),
+    #[error("cannot make the template VM's throwaway tap: {0}")]
+    Tap(#[from] TapError),
+    #[error("cannot make a network namespace for the template VM's tap: {0}")]
+    Netns(#[source] io::Error),
 }
 
 fn io_error<'a>(
@@ -112,14 +126,13 @@ pub struct TemplateKey {
     /// The shares' tags and read-only flags (their directories are each pod's own).
     shares: Vec<(String, bool)>,
     container_share: bool,
+    /// Whether the VM has a network device (its tap and MAC are each pod's own).
+    network: bool,
 }
 
 impl TemplateKey {
-    /// The key of `config`'s VM; `None` when it cannot come from a template (a pod network).
-    pub fn of(config: &SandboxConfig) -> Result<Option<TemplateKey>, TemplateError> {
-        if config.network.is_some() {
-            return Ok(None);
-        }
+    /// The key of `config`'s VM.
+    pub fn of(config: &SandboxConfig) -> Result<TemplateKey, TemplateError> {
         // What crx-vmm boots: the default guest's kernel and initrd unless given a kernel.
         let (kernel, initrd) = match &config.kernel {
             Some(kernel) => (kernel.clone(), config.initrd.clone()),
@@ -132,7 +145,7 @@ impl TemplateKey {
                 (guest.join("vmlinux"), Some(initrd))
             }
         };
-        Ok(Some(TemplateKey {
+        Ok(TemplateKey {
             vmm: FileIdentity::of(&config.vmm)?,
             kernel: FileIdentity::of(&kernel)?,
             initrd: initrd.as_deref().map(FileIdentity::of).transpose()?,
@@ -144,7 +157,8 @@ impl TemplateKey {
                 .map(|s| (s.tag.clone(), s.read_only))
                 .collect(),
             container_share: config.container_share,
-        }))
+            network: config.network.is_some(),
+        })
     }
 
     /// The template's name: a hash of the key.
@@ -165,18 +179,12 @@ pub fn template_dir(run_root: &Path, key: &TemplateKey) -> PathBuf {
     templates_dir(run_root).join(key.id())
 }
 
-/// The template `config`'s VM can be restored from, made now if there is none yet; `None` when
-/// the sandbox cannot come from a template.
-pub fn find_or_build(
-    run_root: &Path,
-    config: &SandboxConfig,
-) -> Result<Option<PathBuf>, TemplateError> {
-    let Some(key) = TemplateKey::of(config)? else {
-        return Ok(None);
-    };
+/// The template `config`'s VM can be restored from, made now if there is none yet.
+pub fn find_or_build(run_root: &Path, config: &SandboxConfig) -> Result<PathBuf, TemplateError> {
+    let key = TemplateKey::of(config)?;
     let dir = template_dir(run_root, &key);
     if dir.join(STATE_FILE).exists() {
-        return Ok(Some(dir));
+        return Ok(dir);
     }
     let parent = templates_dir(run_root);
     fs::DirBuilder::new()
@@ -192,7 +200,7 @@ pub fn find_or_build(
     if !dir.join(STATE_FILE).exists() {
         build(config, &key, &dir)?;
     }
-    Ok(Some(dir))
+    Ok(dir)
 }
 
 /// Removes a template that failed to restore, so the next sandbox makes it again.
@@ -261,6 +269,11 @@ fn build_in(
         &shares,
         container_share,
     );
+    // Open until the VMM has it (and the VMM's copy dies with the template VM).
+    let tap = key.network.then(throwaway_tap).transpose()?;
+    if let Some(tap) = &tap {
+        crate::sandbox::pass_tap(&mut cmd, tap.as_fd(), TEMPLATE_MAC);
+    }
     cmd.arg("--snapshot-on-sigusr1")
         .arg(&snapshot)
         .stdin(Stdio::null())
@@ -271,6 +284,7 @@ fn build_in(
         path: config.vmm.clone(),
         source,
     })?);
+    drop(tap);
     let log_tail = || fs::read_to_string(&log_path).unwrap_or_default();
     // The agent answering is the point every pod starts from; the connection is closed again
     // (the snapshot resets vsock connections anyway).
@@ -299,6 +313,13 @@ fn build_in(
     file.write_all(&serde_json::to_vec_pretty(key).expect("a key serializes"))
         .map_err(io_error("cannot write", &key_path))?;
     Ok(snapshot)
+}
+
+/// A tap for a template VM's network device, in a network namespace of its own that nothing
+/// else joins, so the template's guest is connected to nothing (its interface stays down).
+fn throwaway_tap() -> Result<OwnedFd, TemplateError> {
+    let tap = netns::run_in_new(|| Tap::open(TAP_NAME)).map_err(TemplateError::Netns)??;
+    Ok(OwnedFd::from(tap))
 }
 
 /// The template VM's process: killed if dropped while it runs.
@@ -364,23 +385,23 @@ mod tests {
     fn a_key_changes_with_any_input_but_not_with_the_share_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let base = config(tmp.path());
-        let id = TemplateKey::of(&base).unwrap().unwrap().id();
+        let id = TemplateKey::of(&base).unwrap().id();
         let mut other_dir = base.clone();
         other_dir.shares[0].dir = tmp.path().join("b");
-        assert_eq!(TemplateKey::of(&other_dir).unwrap().unwrap().id(), id);
+        assert_eq!(TemplateKey::of(&other_dir).unwrap().id(), id);
 
         let mut more_memory = base.clone();
         more_memory.mem_mib = 256;
-        assert_ne!(TemplateKey::of(&more_memory).unwrap().unwrap().id(), id);
+        assert_ne!(TemplateKey::of(&more_memory).unwrap().id(), id);
         let mut writable = base.clone();
         writable.shares[0].read_only = false;
-        assert_ne!(TemplateKey::of(&writable).unwrap().unwrap().id(), id);
+        assert_ne!(TemplateKey::of(&writable).unwrap().id(), id);
 
         // A new kernel (another file in its place) is another template.
         let replacement = tmp.path().join("vmlinux.new");
         fs::write(&replacement, "a rebuilt kernel").unwrap();
         fs::rename(&replacement, tmp.path().join("vmlinux")).unwrap();
-        assert_ne!(TemplateKey::of(&base).unwrap().unwrap().id(), id);
+        assert_ne!(TemplateKey::of(&base).unwrap().id(), id);
     }
 
     #[test]

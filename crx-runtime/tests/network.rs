@@ -275,6 +275,49 @@ fn sandbox_config(id: &str, net: &TestNetwork, rootfs: Option<PathBuf>) -> Sandb
     }
 }
 
+/// Starts container `id` in the sandbox (busybox from the `rootfs` share, hostname `hostname`),
+/// serving TCP on 8080: each connection gets `cat`, an echo.
+fn start_echo_server(
+    agent: &mut AgentClient,
+    store: &Store,
+    image: &crx_image::ImageRecord,
+    rootfs: &Path,
+    id: &str,
+    hostname: &str,
+) {
+    let spec = container_spec(
+        rootfs,
+        &store.run_config(image).unwrap(),
+        &ProcessOverrides {
+            args: ["nc", "-ll", "-p", "8080", "-e", "cat"]
+                .map(String::from)
+                .to_vec(),
+            hostname: Some(hostname.into()),
+            ..ProcessOverrides::default()
+        },
+    )
+    .unwrap();
+    let rootfs_ref = Rootfs {
+        fs_tag: "rootfs".into(),
+        path: String::new(),
+    };
+    agent
+        .create_container(id, rootfs_ref, &spec, false)
+        .unwrap();
+    agent.start_container(id).unwrap();
+}
+
+/// Sends a line to `ip`:8080 and checks it comes back.
+fn echo_through(ip: &str, line: &str) {
+    let mut stream = connect(&format!("{ip}:8080"));
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut echoed = String::new();
+    stream.read_to_string(&mut echoed).unwrap();
+    assert_eq!(echoed, line, "echo from {ip}");
+}
+
 /// Runs `script` in the container (`sh -c`) as root; returns its output and whether it exited 0.
 fn exec(
     sandbox: &Sandbox,
@@ -367,27 +410,7 @@ fn a_pod_vm_on_a_cni_bridge_talks_to_the_host_both_ways_and_leaves_nothing() {
         .configure(&mut agent, &settings)
         .expect("configure the guest");
 
-    // A container serving TCP on 8080: each connection gets `cat`, an echo.
-    let spec = container_spec(
-        &rootfs,
-        &store.run_config(&image).unwrap(),
-        &ProcessOverrides {
-            args: ["nc", "-ll", "-p", "8080", "-e", "cat"]
-                .map(String::from)
-                .to_vec(),
-            hostname: Some("web".into()),
-            ..ProcessOverrides::default()
-        },
-    )
-    .unwrap();
-    let rootfs_ref = Rootfs {
-        fs_tag: "rootfs".into(),
-        path: String::new(),
-    };
-    agent
-        .create_container(id, rootfs_ref, &spec, false)
-        .unwrap();
-    agent.start_container(id).unwrap();
+    start_echo_server(&mut agent, &store, &image, &rootfs, id, "web");
 
     // The guest has the veth's identity and the CNI routes and sysctl.
     let (out, ok) = exec(
@@ -416,13 +439,7 @@ fn a_pod_vm_on_a_cni_bridge_talks_to_the_host_both_ways_and_leaves_nothing() {
         .output()
         .unwrap();
     assert!(ping.status.success(), "ping {pod_ip}:\n{}", text(&ping));
-    let mut stream = connect(&format!("{pod_ip}:8080"));
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.write_all(b"hello through the tap\n").unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut echoed = String::new();
-    stream.read_to_string(&mut echoed).unwrap();
-    assert_eq!(echoed, "hello through the tap\n");
+    echo_through(&pod_ip, "hello through the tap\n");
 
     // Pod → host: the gateway address (the bridge, in the test host's root namespace).
     let listener =
@@ -500,4 +517,130 @@ fn a_pod_whose_vmm_was_killed_is_dead_and_removal_reclaims_its_network() {
     assert!(!run_root.join("sandboxes").join(id).exists());
     net.assert_clean(id);
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn pods_restored_from_one_template_each_get_their_own_mac_and_ip_and_talk_to_the_host() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let scratch = scratch("tpl");
+    let ids = ["nettest-tpl-a", "nettest-tpl-b", "nettest-tpl-c"];
+    let net = TestNetwork::new(&scratch, ids[0], "crx-nettest-tpl", "crxtest3", "10.88.80");
+    for id in &ids[1..] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &network::netns_name(id)])
+            .output();
+    }
+    let (store, image) = busybox_store(&scratch);
+    let rootfs = store.rootfs(&image).expect("the image has layers");
+    let run_root = scratch.join("run");
+    let netns_before = netns_list();
+
+    // The first pod makes the template (a VM with a network device on a throwaway tap), and
+    // every pod, the first too, is restored from it onto its own tap.
+    let mut pods = Vec::new();
+    for id in ids {
+        let mut config = sandbox_config(id, &net, Some(rootfs.clone()));
+        config.template = true;
+        let mut sandbox = Sandbox::start(&run_root, &config).expect("sandbox with a network");
+        let template = sandbox.state().template.clone();
+        assert!(
+            template.is_some(),
+            "{id} was booted cold, not restored from a template:\n{}",
+            sandbox.log_tail()
+        );
+        let mut agent = sandbox
+            .agent(Instant::now() + WAIT)
+            .unwrap_or_else(|e| panic!("agent: {e}\n{}", sandbox.log_tail()));
+        let settings = GuestSettings {
+            hostname: id.into(),
+            ..GuestSettings::default()
+        };
+        sandbox
+            .configure(&mut agent, &settings)
+            .unwrap_or_else(|e| panic!("configure {id}: {e}\n{}", sandbox.log_tail()));
+        start_echo_server(&mut agent, &store, &image, &rootfs, id, id);
+        pods.push((id, sandbox, agent, template));
+    }
+    assert!(
+        pods.windows(2).all(|w| w[0].3 == w[1].3),
+        "one template for all"
+    );
+    // The template's tap lived in a namespace of its own, gone with the template VM.
+    assert_eq!(netns_list(), netns_before_plus(&netns_before, &ids));
+
+    let mut seen = Vec::new();
+    for (id, sandbox, agent, _) in &mut pods {
+        let state = sandbox.state().network.clone().expect("network state");
+        let pod_ip = state.guest.addresses[0]
+            .strip_suffix("/24")
+            .unwrap()
+            .to_owned();
+        let (out, ok) = exec(
+            sandbox,
+            agent,
+            id,
+            "look",
+            "cat /sys/class/net/eth0/address; ip -4 addr show dev eth0; hostname",
+        );
+        assert!(ok, "{out}");
+        assert!(
+            out.contains(&state.guest.mac),
+            "{id}: MAC {}: {out}",
+            state.guest.mac
+        );
+        assert!(out.contains(&format!("inet {pod_ip}/24")), "{id}: {out}");
+        assert!(
+            out.lines().any(|l| l.trim() == *id),
+            "{id}: hostname: {out}"
+        );
+        let ping = Command::new("busybox")
+            .args(["ping", "-c", "2", "-W", "10", &pod_ip])
+            .output()
+            .unwrap();
+        assert!(ping.status.success(), "ping {pod_ip}:\n{}", text(&ping));
+        echo_through(&pod_ip, &format!("hello {id}\n"));
+        seen.push((pod_ip, state.guest.mac));
+    }
+    let mut ips: Vec<_> = seen.iter().map(|(ip, _)| ip).collect();
+    let mut macs: Vec<_> = seen.iter().map(|(_, mac)| mac).collect();
+    ips.sort();
+    ips.dedup();
+    macs.sort();
+    macs.dedup();
+    assert_eq!((ips.len(), macs.len()), (ids.len(), ids.len()), "{seen:?}");
+
+    for (id, sandbox, agent, _) in pods {
+        drop(agent);
+        sandbox.remove(Duration::from_secs(30)).expect("remove");
+        let netns = Path::new(network::DEFAULT_NETNS_DIR).join(network::netns_name(id));
+        assert!(!netns.exists(), "{} is left", netns.display());
+    }
+    net.assert_clean(ids[0]);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The named network namespaces (`ip netns list`).
+fn netns_list() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(network::DEFAULT_NETNS_DIR)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `before` and the namespaces of pods `ids`, sorted.
+fn netns_before_plus(before: &[String], ids: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = before
+        .iter()
+        .cloned()
+        .chain(ids.iter().map(|id| network::netns_name(id)))
+        .collect();
+    names.sort();
+    names
 }

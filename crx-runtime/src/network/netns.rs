@@ -36,15 +36,9 @@ pub fn create(dir: &Path, name: &str) -> io::Result<PathBuf> {
         .mode(0o444)
         .open(&path)?;
     let target = path.clone();
-    let mounted = std::thread::spawn(move || -> io::Result<()> {
-        // SAFETY: only the network namespace is unshared, and only for this thread, which
-        // ends right after; no file descriptor table is unshared.
-        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }?;
-        rustix::mount::mount_bind("/proc/thread-self/ns/net", &target)?;
-        Ok(())
-    })
-    .join()
-    .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")));
+    let mounted =
+        run_in_new(move || rustix::mount::mount_bind("/proc/thread-self/ns/net", &target))
+            .and_then(|bound| Ok(bound?));
     if let Err(e) = mounted {
         let _ = fs::remove_file(&path);
         return Err(e);
@@ -76,6 +70,20 @@ pub fn remove(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Runs `f` on a new thread inside a new, unnamed network namespace of its own and returns its
+/// result. The namespace lives as long as something made in it does (a tap's descriptor keeps
+/// its device, and the device its namespace), and is never visible to `ip netns`.
+pub fn run_in_new<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    std::thread::spawn(move || -> io::Result<T> {
+        // SAFETY: only the network namespace is unshared, and only for this thread, which
+        // ends right after `f`; no file descriptor table is unshared.
+        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }?;
+        Ok(f())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
 }
 
 /// Runs `f` on a new thread inside the network namespace at `path` and returns its result.
