@@ -16,6 +16,7 @@ mod runtime_service;
 mod server;
 mod stats;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -84,6 +85,8 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("log level {:?}", config.log_level))?;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Escape codes only on a terminal: the log is usually a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

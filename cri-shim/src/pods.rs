@@ -361,6 +361,7 @@ impl Runtime {
                         "memoryMiB": state.mem_mib,
                         "sandboxDir": sandbox.dir(),
                         "netns": state.network.as_ref().map(|n| n.netns.clone()),
+                        "template": state.template,
                     })
                     .to_string(),
                 );

@@ -658,6 +658,11 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
         .unwrap()
         .to_owned();
     assert!(ip.starts_with("10.89.7."), "pod IP {ip:?}: {status}");
+    // The pod VM was restored from a pod template (made by this first pod), onto its own tap.
+    assert!(
+        status["info"]["template"].is_string(),
+        "not restored from a template: {status}"
+    );
     // crictl shows times as RFC 3339 (UTC, fixed width): they compare as strings.
     let time = |status: &serde_json::Value, key: &str| -> String {
         let t = status["status"][key]

@@ -292,7 +292,19 @@ fn critest_pod_and_container_groups() {
         Some(POD_SKIP),
         "[runtime]\nboot_timeout_secs = 300\n",
     );
-    println!("crx-vm-boot: critest pod and container groups (one VM per pod)");
+    let started = |restored: bool| {
+        let field = format!("restored={restored}");
+        run.cri_log
+            .lines()
+            .filter(|l| l.contains("sandbox VMM started") && l.contains(&field))
+            .count()
+    };
+    println!(
+        "crx-vm-boot: critest pod and container groups (one VM per pod: {} restored from pod \
+         templates, {} booted cold)",
+        started(true),
+        started(false)
+    );
     for (name, state) in &run.states {
         if state != "passed" {
             let why = run

@@ -18,7 +18,8 @@ use crx_image::{ImageRecord, Store};
 use oci_spec::runtime::Spec;
 
 use crate::agent::{AgentClient, AgentError};
-use crate::sandbox::{Sandbox, SandboxConfig, SandboxError, Share};
+use crate::network::NetworkConfig;
+use crate::sandbox::{GuestSettings, Sandbox, SandboxConfig, SandboxError, Share};
 use crate::share::{self, ShareError, CONTAINERS_TAG};
 use crate::spec::{container_spec, ProcessOverrides, SpecError};
 
@@ -69,6 +70,8 @@ pub struct PodRequest {
     pub boot_timeout: Duration,
     /// Restore the VM from a pod template when one fits (see [`crate::template`]).
     pub template: bool,
+    /// A pod network (CNI) for the VM; `None`: no network device.
+    pub network: Option<NetworkConfig>,
 }
 
 /// A pod whose container is created, not yet started.
@@ -83,8 +86,8 @@ impl Pod {
     }
 }
 
-/// The sandbox of a one-container pod: its image root shared read-only as [`ROOTFS_TAG`], no
-/// network.
+/// The sandbox of a one-container pod: its image root shared read-only as [`ROOTFS_TAG`], and
+/// the request's pod network, if any.
 fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
     SandboxConfig {
         id: request.id.clone(),
@@ -99,7 +102,7 @@ fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
         }],
         vmm: request.vmm.clone(),
         labels: BTreeMap::new(),
-        network: None,
+        network: request.network.clone(),
         container_share: false,
         template: request.template,
     }
@@ -138,6 +141,15 @@ pub fn create_pod(
         ]);
         let started = sandbox.insert(Sandbox::start(run_root, &config)?);
         let mut agent = started.agent(Instant::now() + request.boot_timeout)?;
+        if request.network.is_some() {
+            // The guest's interface: the pod's MAC, addresses and routes (and its hostname;
+            // without a network the container's own UTS namespace is all that needs one).
+            let settings = GuestSettings {
+                hostname: request.process.hostname.clone().unwrap_or_default(),
+                ..GuestSettings::default()
+            };
+            started.configure(&mut agent, &settings)?;
+        }
         let agent_error = |source| PodError::Agent {
             id: request.id.clone(),
             source,

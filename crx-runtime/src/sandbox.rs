@@ -381,7 +381,7 @@ impl Sandbox {
             sandbox.kill();
             return Err(e);
         }
-        tracing::info!(id = %config.id, pid, "sandbox VMM started");
+        tracing::info!(id = %config.id, pid, restored = template.is_some(), "sandbox VMM started");
         Ok(sandbox)
     }
 

@@ -88,7 +88,9 @@ struct BootArgs {
 fn main() -> anyhow::Result<()> {
     let launch = crx_core::launch::launch_instant();
     // An EnvFilter costs milliseconds to build; only pay for it when CRX_LOG asks for one.
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match tracing_subscriber::EnvFilter::try_from_env("CRX_LOG") {
         Ok(filter) => logs.with_env_filter(filter).init(),
         Err(_) => logs.with_max_level(tracing::Level::WARN).init(),

@@ -11,6 +11,7 @@ use anyhow::Context;
 use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_image::{ImageRecord, Store};
 use crx_runtime::agent::{AgentError, Output, StdioAttachment};
+use crx_runtime::network::{self, NetworkConfig};
 use crx_runtime::pod::{
     build_template, create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
 };
@@ -40,6 +41,37 @@ impl RunRootArgs {
             .clone()
             .or_else(|| std::env::var_os("CRX_RUN_ROOT").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_ROOT))
+    }
+}
+
+/// A pod network for `crx run`, from CNI configuration and plugins.
+#[derive(clap::Args, Debug)]
+pub struct NetworkArgs {
+    /// Join the VM to this CNI network (a configuration list's `name` in --cni-conf-dir; the
+    /// pod gets its address, routes and DNS from it) [default: no network]. "default": the
+    /// first configuration in name order, as kubelet picks it.
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
+    /// Where CNI network configurations are read from.
+    #[arg(long, value_name = "DIR", default_value = network::DEFAULT_CONF_DIR, requires = "network")]
+    cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked for (repeatable) [default: /usr/lib/cni, /opt/cni/bin].
+    #[arg(long = "cni-bin-dir", value_name = "DIR", requires = "network")]
+    cni_bin_dirs: Vec<PathBuf>,
+}
+
+impl NetworkArgs {
+    fn config(&self) -> Option<NetworkConfig> {
+        let name = self.network.as_ref()?;
+        let mut config = NetworkConfig {
+            conf_dir: self.cni_conf_dir.clone(),
+            network: (name != "default").then(|| name.clone()),
+            ..NetworkConfig::default()
+        };
+        if !self.cni_bin_dirs.is_empty() {
+            config.bin_dirs = self.cni_bin_dirs.clone();
+        }
+        Some(config)
     }
 }
 
@@ -85,6 +117,8 @@ pub struct RunArgs {
     /// see `crx template build`).
     #[arg(long)]
     cold: bool,
+    #[command(flatten)]
+    network: NetworkArgs,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -160,6 +194,9 @@ pub enum TemplateCommand {
         kernel: Option<PathBuf>,
         #[arg(long)]
         initrd: Option<PathBuf>,
+        /// The template of pods with a network (`crx run --network`).
+        #[arg(long)]
+        with_network: bool,
         #[command(flatten)]
         runtime: RunRootArgs,
     },
@@ -177,6 +214,7 @@ pub fn run(cmd: PodCommand) -> anyhow::Result<i32> {
             mem_mib,
             kernel,
             initrd,
+            with_network,
             runtime,
         }) => {
             let request = PodRequest {
@@ -189,6 +227,8 @@ pub fn run(cmd: PodCommand) -> anyhow::Result<i32> {
                 process: ProcessOverrides::default(),
                 boot_timeout: BOOT_TIMEOUT,
                 template: true,
+                // Only whether there is one counts: each pod's network is its own.
+                network: with_network.then(NetworkConfig::default),
             };
             let dir = build_template(&runtime.dir(), &request)?;
             println!("{}", dir.display());
@@ -261,6 +301,7 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
         },
         boot_timeout: BOOT_TIMEOUT,
         template: !args.cold,
+        network: args.network.config(),
     };
     let run_root = &args.runtime.dir();
     let mut pod = create_pod(run_root, &store, &image, &request)

@@ -14,6 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crx_runtime::sandbox::Sandbox;
+use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
 use crx_test_support::files_under;
 use crx_test_support::layout::{Comp, Layer, Layout};
 use sha2::{Digest, Sha256};
@@ -256,6 +257,15 @@ fn crx_run_detached_then_exec_ps_stop_rm() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sandbox bg1"));
 }
 
+/// Deletes a network interface of the test host when dropped (a test's CNI bridge).
+struct DeleteLink(&'static str);
+
+impl Drop for DeleteLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", self.0]).output();
+    }
+}
+
 /// The pod templates under the run root (complete ones: with a state file).
 fn templates(env: &Env) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(env.run_root().join("templates"))
@@ -314,26 +324,43 @@ fn pod_pss(env: &Env, id: &str) -> u64 {
         .sum()
 }
 
-/// Pod templates: the first `crx run` makes one (a VM snapshotted once its agent answers);
-/// 20 pods are then restored from it and run at once, each with its own hostname and its own
+/// Pod templates: the first `crx run` makes one (a VM with a network device, snapshotted once
+/// its agent answers); 20 pods on a CNI bridge are then restored from it and run at once, each
+/// with its own hostname, its own address on the bridge (reached from the host) and its own
 /// random numbers (the host's entropy reseeds each guest), and all together in far less memory
 /// than 20 booted pods (PSS); `--cold` boots; a damaged template is discarded and the pod boots
 /// cold; a changed kernel gets a template of its own.
 #[test]
-fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
+fn crx_run_restores_pods_from_a_template_each_with_its_own_ip_and_random_numbers() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
     let env = Env::new("template");
-    let out = env.output(&[
-        "run",
-        "--name",
-        "first",
-        &env.layout(),
-        "--",
-        "echo",
-        "made",
-    ]);
+    // A bridge in the test host with host-local addresses from 10.88.90.0/24.
+    let conf_dir = env.scratch.join("net.d");
+    BridgeNetwork {
+        name: "crx-run-tpl",
+        bridge: "crxruntpl0",
+        prefix: "10.88.90",
+        dns: None,
+    }
+    .write(&conf_dir);
+    let _bridge = DeleteLink("crxruntpl0");
+    let conf_dir = conf_dir.to_str().unwrap().to_owned();
+    let net_run = |args: &[&str]| {
+        let mut all = vec![
+            "run",
+            "--network",
+            "crx-run-tpl",
+            "--cni-conf-dir",
+            &conf_dir,
+            "--cni-bin-dir",
+            CNI_BIN,
+        ];
+        all.extend_from_slice(args);
+        env.output(&all)
+    };
+    let out = net_run(&["--name", "first", &env.layout(), "--", "echo", "made"]);
     println!("crx-vm-boot: crx run (template made)");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "made\n");
@@ -342,16 +369,7 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
 
     let pods: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
     for pod in &pods {
-        let out = env.output(&[
-            "run",
-            "-d",
-            "--name",
-            pod,
-            &env.layout(),
-            "--",
-            "sleep",
-            "600",
-        ]);
+        let out = net_run(&["-d", "--name", pod, &env.layout(), "--", "sleep", "600"]);
         assert!(out.status.success());
         assert_eq!(restored_from(&env, pod).as_ref(), Some(&made[0]));
     }
@@ -360,6 +378,7 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
         pods.len()
     );
     let mut randoms = Vec::new();
+    let mut ips = Vec::new();
     for pod in &pods {
         let out = env.output(&[
             "exec",
@@ -367,23 +386,48 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
             "--",
             "sh",
             "-c",
-            "hostname; head -c 16 /dev/urandom | od -An -tx1",
+            "hostname; head -c 16 /dev/urandom | od -An -tx1; ip -4 -o addr show dev eth0",
         ]);
         assert!(out.status.success());
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let (hostname, random) = stdout.split_once('\n').expect("two lines");
+        let lines: Vec<&str> = stdout.lines().collect();
+        let [hostname, random, address] = lines[..] else {
+            panic!("three lines expected: {stdout}")
+        };
         assert_eq!(hostname, pod, "the pod's hostname");
         let random = random.split_whitespace().collect::<String>();
         assert_eq!(random.len(), 32, "{random:?}");
         randoms.push(random);
+        // The address CNI gave the pod is the guest's, and the host reaches it.
+        let network = Sandbox::open(&env.run_root(), pod)
+            .unwrap()
+            .state()
+            .network
+            .clone()
+            .expect("the pod's network");
+        let given = &network.guest.addresses[0];
+        assert!(
+            address.contains(&format!("inet {given} ")),
+            "{pod}: CNI gave {given}, the guest has {address:?}"
+        );
+        let ip = given.split('/').next().unwrap().to_owned();
+        let ping = Command::new("busybox")
+            .args(["ping", "-c", "1", "-W", "10", &ip])
+            .output()
+            .unwrap();
+        assert!(ping.status.success(), "ping {pod} at {ip}: {ping:?}");
+        ips.push(ip);
     }
-    randoms.sort();
-    randoms.dedup();
+    for distinct in [&mut randoms, &mut ips] {
+        distinct.sort();
+        distinct.dedup();
+    }
     assert_eq!(
         randoms.len(),
         pods.len(),
         "pods restored from one template share random numbers"
     );
+    assert_eq!(ips.len(), pods.len(), "pods share addresses: {ips:?}");
     let restored_pss: u64 = pods.iter().map(|pod| pod_pss(&env, pod)).sum();
     // The template's memory file is shared by all of them (tmpfs pages, read by each VMM's
     // page loader).
@@ -391,8 +435,7 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
         std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(made[0].join("memory")).unwrap())
             * 512;
 
-    let out = env.output(&[
-        "run",
+    let out = net_run(&[
         "-d",
         "--cold",
         "--name",
@@ -426,6 +469,20 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
     let mut rm = vec!["rm", "-f", "cold"];
     rm.extend(pods.iter().map(String::as_str));
     assert!(env.output(&rm).status.success());
+    // Their networks went with them: namespaces and addresses.
+    for pod in pods.iter().map(String::as_str).chain(["cold"]) {
+        let netns = Path::new("/run/netns").join(format!("crx-{pod}"));
+        assert!(!netns.exists(), "{} is left", netns.display());
+    }
+    let allocated: Vec<_> = std::fs::read_dir("/var/lib/cni/networks/crx-run-tpl")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with("10.88.90."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(allocated.is_empty(), "addresses left: {allocated:?}");
 
     // A damaged template: the pod boots cold, and the template is gone, to be made again.
     let state = made[0].join("vmstate");
@@ -436,8 +493,7 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_random_numbers() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let out = env.output(&[
-        "run",
+    let out = net_run(&[
         "-d",
         "--name",
         "damaged",
