@@ -2,7 +2,8 @@
 //! host-local, loopback) from a scratch configuration directory, real network namespaces, a
 //! real tap joined to the CNI veth by tc redirect, and real guests: a pod VM (crx-vmm, the agent
 //! as PID 1, the bundled busybox image over virtio-fs) that the test host's root namespace,
-//! where the CNI bridge lives, pings and talks TCP to both ways. Removal, also of a pod whose
+//! where the CNI bridge lives, pings and talks TCP to both ways; pods restored from one pod
+//! template, each onto its own tap with its own MAC and address. Removal, also of a pod whose
 //! VMM was killed, leaves no namespace, veth or IP allocation behind.
 //!
 //! Everything runs inside the KVM test host (`vm_test_here!`), also the test without a guest:
