@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 /// A configuration file with every key, its meaning and its default (also in `--help`).
@@ -43,6 +42,37 @@ pub const EXAMPLE: &str = r#"Configuration file (TOML; every key optional, defau
 pub const DEFAULT_CONFIG: &str = "/etc/crx/config.toml";
 /// The default CRI endpoint.
 pub const DEFAULT_LISTEN: &str = "unix:///run/crx/crx.sock";
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("in {path}: {source}")]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("listen = {listen:?}: only unix:// endpoints are served, not {scheme}://")]
+    NotUnix { listen: String, scheme: String },
+    #[error("listen = {0:?}: the socket path must be absolute")]
+    RelativeSocket(String),
+    #[error("runtime.handler must not be empty")]
+    NoHandler,
+    #[error("runtime.vcpus and runtime.memory_mib must be positive")]
+    NoVmSize,
+}
 
 /// The whole configuration, as the file says it (and as `crictl info` shows it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,32 +184,50 @@ impl Default for ImageConfig {
     }
 }
 
+impl RuntimeConfig {
+    /// The `crx-vmm` binary: the configured one, else the one beside this program.
+    pub fn vmm_path(&self) -> std::io::Result<PathBuf> {
+        match &self.vmm {
+            Some(vmm) => Ok(vmm.clone()),
+            None => Ok(std::env::current_exe()?.with_file_name("crx-vmm")),
+        }
+    }
+}
+
 impl Config {
     /// Read `path`; with `required` false a missing file means the defaults.
-    pub fn load(path: &Path, required: bool) -> anyhow::Result<Config> {
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 return Ok(Config::default())
             }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         };
-        let config: Config =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config
-            .check()
-            .with_context(|| format!("in {}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.check().map_err(|e| ConfigError::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
         Ok(config)
     }
 
     /// Values that would only fail later.
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         socket_path(&self.listen)?;
         if self.runtime.handler.is_empty() {
-            bail!("runtime.handler must not be empty");
+            return Err(ConfigError::NoHandler);
         }
         if self.runtime.vcpus == 0 || self.runtime.memory_mib == 0 {
-            bail!("runtime.vcpus and runtime.memory_mib must be positive");
+            return Err(ConfigError::NoVmSize);
         }
         Ok(())
     }
@@ -203,16 +251,19 @@ impl Config {
 }
 
 /// `unix:///run/x.sock` or `/run/x.sock` → the path; anything else is refused.
-fn socket_path(listen: &str) -> anyhow::Result<PathBuf> {
+fn socket_path(listen: &str) -> Result<PathBuf, ConfigError> {
     let path = match listen.split_once("://") {
         Some(("unix", path)) => path,
         Some((scheme, _)) => {
-            bail!("listen = {listen:?}: only unix:// endpoints are served, not {scheme}://")
+            return Err(ConfigError::NotUnix {
+                listen: listen.to_owned(),
+                scheme: scheme.to_owned(),
+            })
         }
         None => listen,
     };
     if !path.starts_with('/') {
-        bail!("listen = {listen:?}: the socket path must be absolute");
+        return Err(ConfigError::RelativeSocket(listen.to_owned()));
     }
     Ok(PathBuf::from(path))
 }

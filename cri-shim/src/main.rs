@@ -3,7 +3,6 @@
 //! talk to it. Reads its configuration file, applies the flags over it, serves until SIGTERM or
 //! SIGINT and then removes its socket.
 
-mod config;
 mod containers;
 mod cri_log;
 mod deadline;
@@ -22,7 +21,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::config::{Config, DEFAULT_CONFIG};
+use crx_cri::config::{self, Config, DEFAULT_CONFIG};
 
 #[derive(Parser, Debug)]
 #[command(

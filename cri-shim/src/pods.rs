@@ -19,18 +19,17 @@ use crx_runtime::sandbox::{GuestSettings, Sandbox, SandboxConfig, SandboxError};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
-use crate::config::Config;
 use crate::cri_log::ContainerLog;
 use crate::errors::sandbox_status;
 use crate::records::{new_id, now_ns, ContainerState, PodRecord, Records};
 use crate::stats::CpuSamples;
+use crx_cri::config::Config;
+use crx_cri::POD_LABEL;
 
 /// Memory a pod VM needs besides its containers' limits (kernel, agent, page cache).
 const VM_OVERHEAD_MIB: u32 = 64;
 /// How long a stopping VM may take to power off before its VMM is killed.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
-/// The sandbox label naming the CRI pod.
-const POD_LABEL: &str = "cri-pod";
 
 /// The pods and containers of one crx-cri instance.
 pub struct Runtime {
@@ -99,12 +98,10 @@ impl Runtime {
 
     /// The `crx-vmm` binary: configured, or beside crx-cri.
     fn vmm(&self) -> Result<PathBuf, Status> {
-        if let Some(vmm) = &self.config.runtime.vmm {
-            return Ok(vmm.clone());
-        }
-        let exe = std::env::current_exe()
-            .map_err(|e| Status::internal(format!("cannot find crx-cri's own path: {e}")))?;
-        Ok(exe.with_file_name("crx-vmm"))
+        self.config
+            .runtime
+            .vmm_path()
+            .map_err(|e| Status::internal(format!("cannot find crx-cri's own path: {e}")))
     }
 
     /// vCPUs and memory of a pod's VM: the pod's resources (the sum of its containers'

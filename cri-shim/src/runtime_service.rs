@@ -14,9 +14,9 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use tonic::{Request, Response, Status};
 
-use crate::config::Config;
 use crate::errors::join_status;
 use crate::pods::Runtime;
+use crx_cri::config::Config;
 
 /// The CRI API version this server speaks.
 pub const RUNTIME_API_VERSION: &str = "v1";

@@ -13,11 +13,11 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::config::Config;
 use crate::deadline::DeadlineLayer;
 use crate::image_service::ImageService;
 use crate::pods::Runtime;
 use crate::runtime_service::RuntimeService;
+use crx_cri::config::Config;
 
 /// How long requests still running at a stop signal may take to finish.
 const DRAIN: Duration = Duration::from_secs(10);

@@ -626,6 +626,80 @@ impl Drop for PodBench {
     }
 }
 
+/// `crxctl` on the running pod: `check` passes (KVM, guest, crx-vmm, virtiofsd, CNI), `ps`
+/// lists the pod VM as running and restored with its size, ready time, VMM and memory,
+/// `inspect` shows its processes (the VMM and virtiofsd), `console` prints its console.
+fn crxctl_sees_the_pod_vm(b: &PodBench, pod: &str) {
+    let state_dir = b.path("cri").join("state");
+    let config = b.path("cri").join("config.toml");
+    let crxctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crxctl"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        println!(
+            "crxctl {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            out.status.success(),
+            "crxctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let check = crxctl(&["check"]);
+    for line in [
+        "ok   kvm: /dev/kvm is standard KVM",
+        "ok   guest agent: /bin/crx-agent in the initrd",
+        "ok   cni network: crx-cri-e2e",
+    ] {
+        assert!(check.contains(line), "{line:?} missing:\n{check}");
+    }
+
+    let ps = crxctl(&["ps"]);
+    let line = ps
+        .lines()
+        .find(|l| l.starts_with(pod))
+        .unwrap_or_else(|| panic!("pod {pod} not listed:\n{ps}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    let [_, name, state, started, vcpus, mem_mib, ready_ms, vmm_pid, rss_mib] = columns[..] else {
+        panic!("9 columns expected: {line}")
+    };
+    assert_eq!(
+        (name, state, started),
+        ("crx-test/web", "running", "restored")
+    );
+    assert!(ready_ms.parse::<u64>().unwrap() > 0, "{line}");
+    assert!(rss_mib.parse::<f64>().unwrap() > 1.0, "{line}");
+
+    let inspect: serde_json::Value = serde_json::from_str(&crxctl(&["inspect", pod])).unwrap();
+    assert_eq!(inspect["running"], true, "{inspect}");
+    assert_eq!(inspect["state"]["vcpus"].to_string(), vcpus);
+    assert_eq!(inspect["state"]["mem_mib"].to_string(), mem_mib);
+    let processes = inspect["processes"].as_array().unwrap();
+    assert_eq!(processes[0]["pid"].to_string(), vmm_pid, "{inspect}");
+    assert!(
+        processes.iter().any(|p| p["command"][0]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("virtiofsd")),
+        "no virtiofsd under the VMM: {inspect}"
+    );
+
+    let console_file = std::fs::read(inspect["console"].as_str().unwrap()).unwrap();
+    let console = crxctl(&["console", pod]);
+    assert!(
+        console.as_bytes().starts_with(&console_file),
+        "crxctl console printed something else than the console file"
+    );
+}
+
 #[test]
 fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     if !crx_testhost::vm_test_here!() {
@@ -738,6 +812,8 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     assert_eq!(by_label["containers"][0]["id"], fail.as_str(), "{by_label}");
     let by_pod = c.crictl_json(&["ps", "-a", "--pod", &pod]);
     assert_eq!(by_pod["containers"].as_array().unwrap().len(), 2);
+
+    crxctl_sees_the_pod_vm(&b, &pod);
 
     // exec -s (ExecSync): output, exit code, the pod's hostname and network inside.
     let out = c.crictl(&["exec", "-s", &main, "sh", "-c", "echo out; echo err >&2"]);

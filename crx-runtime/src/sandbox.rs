@@ -163,14 +163,20 @@ pub struct SandboxState {
     /// The pod template the VM was restored from; `None`: booted cold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PathBuf>,
+    /// Milliseconds from the VMM's start until its agent first answered (the pod VM's boot, or
+    /// restore, as the runtime sees it); `None` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
 }
 
-/// One sandbox: its directory, its state and, in the process that started it, the VMM child.
+/// One sandbox: its directory, its state and, in the process that started it, the VMM child
+/// and when it was started.
 #[derive(Debug)]
 pub struct Sandbox {
     dir: PathBuf,
     state: SandboxState,
     child: Option<Child>,
+    spawned: Option<Instant>,
 }
 
 /// Checks a sandbox id: it names a directory, so nothing that could leave `sandboxes/`.
@@ -352,6 +358,7 @@ impl Sandbox {
             .stdout(log)
             .stderr(log_err)
             .process_group(0);
+        let spawned = Instant::now();
         let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
             path: config.vmm.clone(),
             source,
@@ -371,11 +378,13 @@ impl Sandbox {
             network: network.map(|(state, _)| state.clone()),
             container_share,
             template: template.map(Path::to_owned),
+            ready_ms: None,
         };
         let mut sandbox = Sandbox {
             dir: dir.to_owned(),
             state,
             child: Some(child),
+            spawned: Some(spawned),
         };
         if let Err(e) = sandbox.save() {
             sandbox.kill();
@@ -425,6 +434,7 @@ impl Sandbox {
             dir,
             state,
             child: None,
+            spawned: None,
         })
     }
 
@@ -497,18 +507,51 @@ impl Sandbox {
     }
 
     /// Connects to the agent, retrying while the guest boots, until `deadline`; fails early
-    /// with the VMM's log when the VMM has exited.
+    /// with the VMM's log when the VMM has exited. The first answer in the process that started
+    /// the VMM records how long the VM took to be ready.
     pub fn agent(&mut self, deadline: Instant) -> Result<AgentClient, SandboxError> {
         let vsock = self.vsock_path();
-        AgentClient::connect_while_running(&vsock, deadline, || self.is_running()).map_err(|e| {
-            match e {
+        let agent = AgentClient::connect_while_running(&vsock, deadline, || self.is_running())
+            .map_err(|e| match e {
                 AgentError::VmmExited => SandboxError::VmmExited {
                     id: self.state.id.clone(),
                     log: self.log_tail(),
                 },
                 e => e.into(),
-            }
-        })
+            })?;
+        if let (Some(spawned), None) = (self.spawned, self.state.ready_ms) {
+            self.state.ready_ms = Some(spawned.elapsed().as_millis() as u64);
+            self.save()?;
+        }
+        Ok(agent)
+    }
+
+    /// The VMM and every process under it (its virtiofsd children), by pid; empty when the VMM
+    /// no longer runs.
+    pub fn processes(&mut self) -> Vec<i32> {
+        if !self.is_running() {
+            return Vec::new();
+        }
+        let parents: Vec<(i32, i32)> = procfs::process::all_processes()
+            .map(|all| {
+                all.flatten()
+                    .filter_map(|p| Some((p.pid, p.stat().ok()?.ppid)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut tree = vec![self.state.vmm_pid as i32];
+        let mut next = 0;
+        while next < tree.len() {
+            let parent = tree[next];
+            tree.extend(
+                parents
+                    .iter()
+                    .filter(|(_, pp)| *pp == parent)
+                    .map(|(p, _)| *p),
+            );
+            next += 1;
+        }
+        tree
     }
 
     /// Whether the VMM still runs, or how it ended if this process started it, for error

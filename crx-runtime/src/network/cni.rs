@@ -226,6 +226,18 @@ fn plugin_config(
     serde_json::to_vec(&conf).expect("JSON serializes")
 }
 
+/// The plugin `name` (a configuration's `type`) in the first of `bin_dirs` that has it.
+pub fn find_plugin(name: &str, bin_dirs: &[PathBuf]) -> Result<PathBuf, CniError> {
+    bin_dirs
+        .iter()
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| CniError::PluginNotFound {
+            plugin: name.to_owned(),
+            dirs: join_paths(bin_dirs),
+        })
+}
+
 /// Finds the plugin, runs `command` with `stdin`, and returns its stdout on success.
 fn exec(
     plugin: &NetConf,
@@ -233,16 +245,7 @@ fn exec(
     at: &Attachment<'_>,
     stdin: &[u8],
 ) -> Result<Vec<u8>, CniError> {
-    let name = &plugin.r#type;
-    let path = at
-        .bin_dirs
-        .iter()
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| CniError::PluginNotFound {
-            plugin: name.clone(),
-            dirs: join_paths(at.bin_dirs),
-        })?;
+    let path = find_plugin(&plugin.r#type, at.bin_dirs)?;
     let args: Vec<String> = at.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut cmd = Command::new(&path);
     cmd.env("CNI_COMMAND", command)
@@ -283,7 +286,7 @@ fn exec(
         .join("; "),
     };
     Err(CniError::Plugin {
-        plugin: name.clone(),
+        plugin: plugin.r#type.clone(),
         command,
         message,
     })

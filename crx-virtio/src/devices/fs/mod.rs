@@ -18,6 +18,8 @@
 mod orphaned;
 mod virtiofsd;
 
+pub use virtiofsd::find_binary as find_virtiofsd;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 

@@ -42,7 +42,7 @@ impl Virtiofsd {
     pub fn start(config: &FsConfig) -> Result<Virtiofsd, FsError> {
         let binary = match &config.virtiofsd {
             Some(path) => path.clone(),
-            None => default_binary().ok_or(FsError::VirtiofsdNotFound)?,
+            None => find_binary().ok_or(FsError::VirtiofsdNotFound)?,
         };
         let socket_dir = config.socket_dir.clone().unwrap_or_else(default_socket_dir);
         // The socket gives whoever reaches it the guest's memory: only its owner may.
@@ -202,7 +202,9 @@ fn pidfd_open(child: &Child) -> std::io::Result<OwnedFd> {
 }
 
 /// `virtiofsd` on PATH, else where `cargo install virtiofsd` puts it.
-fn default_binary() -> Option<PathBuf> {
+/// The virtiofsd a device starts unless told which: the first executable `virtiofsd` on PATH,
+/// else in ~/.cargo/bin (where `cargo install virtiofsd` puts it).
+pub fn find_binary() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
