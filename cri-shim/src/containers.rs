@@ -19,6 +19,9 @@ use crx_runtime::pod::{add_container, exit_code, remove_container, stop_containe
 use crx_runtime::sandbox::Sandbox;
 use crx_runtime::spec::{exec_env, ProcessOverrides};
 use k8s_cri::v1 as cri;
+use oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder,
+};
 use tonic::Status;
 
 use crate::cri_log::{ContainerLog, LineSplitter, Stream};
@@ -482,6 +485,34 @@ impl Runtime {
             .collect()
     }
 
+    /// UpdateContainerResources: new cgroup limits (memory, CPU quota, period and shares) for
+    /// a created or running container, applied by the agent in its pod VM. The VM's own size
+    /// stays what it booted with.
+    pub fn update_resources(
+        &self,
+        id: &str,
+        resources: Option<&cri::LinuxContainerResources>,
+    ) -> Result<(), Status> {
+        let record = self.container(id)?;
+        if record.state() == ContainerState::Exited {
+            return Err(Status::failed_precondition(format!(
+                "container {} has exited",
+                record.id
+            )));
+        }
+        let Some(resources) = resources else {
+            return Ok(());
+        };
+        let resources = oci_resources(resources)
+            .map_err(|e| Status::invalid_argument(format!("resources: {e}")))?;
+        let (_, mut agent) = self.agent_of(&record.pod_id)?;
+        agent
+            .update_container(&record.id, &resources)
+            .map_err(agent_status)?;
+        tracing::info!(id = %record.id, ?resources, "container resources updated");
+        Ok(())
+    }
+
     /// ExecSync: runs `cmd` in the container and returns its output and exit code; after
     /// `timeout` (zero: none) the process is killed and the call fails.
     pub fn exec_sync(
@@ -639,4 +670,31 @@ fn image_spec(record: &ContainerRecord) -> cri::ImageSpec {
         image: record.image.clone(),
         ..Default::default()
     }
+}
+
+/// The limits of CRI resources that a container's cgroup in the VM takes (zero or empty in
+/// the CRI means unset): memory, CPU quota, period and shares. CPU and memory sets are left
+/// out: the pod VM's vCPUs and memory are its own.
+fn oci_resources(
+    r: &cri::LinuxContainerResources,
+) -> Result<LinuxResources, oci_spec::OciSpecError> {
+    let mut cpu = LinuxCpuBuilder::default();
+    if r.cpu_period > 0 {
+        cpu = cpu.period(r.cpu_period as u64);
+    }
+    if r.cpu_quota != 0 {
+        cpu = cpu.quota(r.cpu_quota);
+    }
+    if r.cpu_shares > 0 {
+        cpu = cpu.shares(r.cpu_shares as u64);
+    }
+    let mut resources = LinuxResourcesBuilder::default().cpu(cpu.build()?);
+    if r.memory_limit_in_bytes > 0 {
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(r.memory_limit_in_bytes)
+                .build()?,
+        );
+    }
+    resources.build()
 }

@@ -291,6 +291,18 @@ runtime_service! {
                 .await
         }
 
+        async fn update_container_resources(
+            &self,
+            request: Request<cri::UpdateContainerResourcesRequest>,
+        ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+            let request = request.into_inner();
+            self.blocking(move |r| {
+                r.update_resources(&request.container_id, request.linux.as_ref())
+                    .map(|()| cri::UpdateContainerResourcesResponse {})
+            })
+            .await
+        }
+
         async fn reopen_container_log(
             &self,
             request: Request<cri::ReopenContainerLogRequest>,
@@ -406,7 +418,6 @@ runtime_service! {
         }
     }
     not_built {
-        update_container_resources: UpdateContainerResourcesRequest -> UpdateContainerResourcesResponse,
         exec: ExecRequest -> ExecResponse,
         attach: AttachRequest -> AttachResponse,
         port_forward: PortForwardRequest -> PortForwardResponse,

@@ -833,6 +833,33 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
         c.crictl_ok(&["exec", "-s", &main, "hostname"]).trim(),
         "web-host"
     );
+    // UpdateContainerResources: new limits reach the container's cgroup in the VM.
+    c.crictl_ok(&[
+        "update",
+        "--memory",
+        "67108864",
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        "--cpu-share",
+        "512",
+        &main,
+    ]);
+    let limits = c.crictl_ok(&[
+        "exec",
+        "-s",
+        &main,
+        "sh",
+        "-c",
+        "g=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat $g/memory.max $g/cpu.max $g/cpu.weight",
+    ]);
+    assert_eq!(
+        limits, "67108864\n50000 100000\n20\n",
+        "cgroup limits after update"
+    );
+    let bad = c.crictl(&["update", "--memory", "1", "no-such-container"]);
+    assert!(!bad.status.success());
     let addresses = c.crictl_ok(&["exec", "-s", &main, "ip", "-4", "addr", "show", "eth0"]);
     assert!(addresses.contains(&format!("inet {ip}/24")), "{addresses}");
     let routes = c.crictl_ok(&["exec", "-s", &main, "ip", "route"]);

@@ -136,6 +136,17 @@ pub struct CreateContainer {
     pub terminal: bool,
 }
 
+/// New cgroup limits for a running container (what can change while it runs: memory, CPU
+/// quota, period and shares, pids).
+#[derive(Clone, PartialEq, Message)]
+pub struct UpdateContainer {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    /// The OCI runtime spec's `linux.resources` as JSON.
+    #[prost(bytes = "vec", tag = "2")]
+    pub resources_json: Vec<u8>,
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct ContainerRef {
     #[prost(string, tag = "1")]
@@ -288,7 +299,7 @@ pub struct Request {
     pub id: u64,
     #[prost(
         oneof = "request::Kind",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub kind: Option<request::Kind>,
 }
@@ -322,6 +333,8 @@ pub mod request {
         ListContainers(Empty),
         #[prost(message, tag = "13")]
         Shutdown(Empty),
+        #[prost(message, tag = "14")]
+        UpdateContainer(UpdateContainer),
     }
 }
 

@@ -13,8 +13,8 @@ use crx_agent_proto::{
     read_frame, request::Kind, response, stdio_input, stdio_output, write_frame, ConfigureReply,
     ConfigureSandbox, ContainerInfo, ContainerRef, CreateContainer, Empty, ErrorCode, ExecProcess,
     ExitStatus, FrameError, Hello, HelloReply, ProcessRef, Request, ResizeTerminal, Response,
-    Rootfs, SignalProcess, StatsReply, StatsRequest, StdioInput, StdioOutput, PROTOCOL_VERSION,
-    REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
+    Rootfs, SignalProcess, StatsReply, StatsRequest, StdioInput, StdioOutput, UpdateContainer,
+    PROTOCOL_VERSION, REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
 };
 use oci_spec::runtime::Spec;
 
@@ -313,6 +313,18 @@ impl AgentClient {
     }
 
     /// Kills what still runs in the container and removes it.
+    /// Changes the cgroup limits of container `id` to `resources` (those it sets).
+    pub fn update_container(
+        &mut self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), AgentError> {
+        self.call_empty(Kind::UpdateContainer(UpdateContainer {
+            container_id: id.into(),
+            resources_json: serde_json::to_vec(resources).expect("resources serialize"),
+        }))
+    }
+
     pub fn remove_container(&mut self, id: &str) -> Result<(), AgentError> {
         self.call_empty(Kind::RemoveContainer(ContainerRef {
             container_id: id.into(),

@@ -48,7 +48,9 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    fn apply(&self, resources: Option<&LinuxResources>) -> io::Result<()> {
+    /// Writes the limits `resources` sets (memory, pids, CPU quota and period, CPU shares as
+    /// a weight); those it leaves out stay as they are.
+    pub fn apply(&self, resources: Option<&LinuxResources>) -> io::Result<()> {
         let Some(resources) = resources else {
             return Ok(());
         };
@@ -68,6 +70,9 @@ impl Cgroup {
             if let Some(quota) = cpu.quota() {
                 let period = cpu.period().unwrap_or(100_000);
                 set("cpu.max", format!("{} {period}", max_value(quota)))?;
+            }
+            if let Some(shares) = cpu.shares().filter(|&s| s > 0) {
+                set("cpu.weight", cpu_weight(shares).to_string())?;
             }
         }
         Ok(())
@@ -119,6 +124,13 @@ impl Cgroup {
     }
 }
 
+/// cgroup v1 CPU shares (2..=262144) as a cgroup v2 weight (1..=10000), the way runc and crun
+/// map them.
+fn cpu_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + (shares - 2) * 9999 / 262_142
+}
+
 /// A limit as cgroup v2 writes it: negative means unlimited.
 fn max_value(limit: i64) -> String {
     if limit < 0 {
@@ -134,4 +146,18 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
         let (k, v) = line.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_shares_map_to_weights_as_runc_maps_them() {
+        assert_eq!(cpu_weight(2), 1);
+        assert_eq!(cpu_weight(1024), 39);
+        assert_eq!(cpu_weight(262_144), 10_000);
+        assert_eq!(cpu_weight(1), 1);
+        assert_eq!(cpu_weight(1 << 30), 10_000);
+    }
 }

@@ -16,7 +16,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{PosixRlimitType, Spec};
+use oci_spec::runtime::{LinuxResources, PosixRlimitType, Spec};
 
 use crate::cgroup::Cgroup;
 use crate::reaper::{Exit, Reaper};
@@ -425,6 +425,23 @@ impl Agent {
             .collect();
         list.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         list
+    }
+
+    /// Applies new cgroup limits (those `req` sets) to a container.
+    pub fn update(&self, req: &proto::UpdateContainer) -> Result<()> {
+        let resources: LinuxResources = serde_json::from_slice(&req.resources_json)
+            .map_err(|e| fail(ErrorCode::BadRequest, format!("bad resources: {e}")))?;
+        let containers = lock(&self.containers);
+        let container = containers.get(&req.container_id).ok_or_else(|| {
+            fail(
+                ErrorCode::NotFound,
+                format!("no container {:?}", req.container_id),
+            )
+        })?;
+        container
+            .cgroup
+            .apply(Some(&resources))
+            .map_err(io_fail("updating the cgroup"))
     }
 
     /// Kills whatever still runs in the container, then removes it.

@@ -114,6 +114,7 @@ fn handle(agent: &Agent, kind: Kind) -> Result<response::Result> {
                 agent_rss_bytes: own_rss_bytes(),
             })
         }),
+        Kind::UpdateContainer(req) => agent.update(&req).map(empty),
         Kind::RemoveContainer(req) => agent.remove(&req.container_id).map(empty),
         Kind::ListContainers(_) => Ok(response::Result::List(ListReply {
             containers: agent.list(),
