@@ -3,6 +3,8 @@
 //! time and passes the guest command's exit status through. `crx boot` execs it; it links only
 //! crx-core, so the host memory each pod VM costs is this small binary's, not the whole CLI's.
 
+mod seccomp;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -80,6 +82,10 @@ struct BootArgs {
     /// template is made once its guest is ready)
     #[arg(long, value_name = "DIR")]
     snapshot_on_sigusr1: Option<PathBuf>,
+    /// Run without the seccomp filter the VMM otherwise puts on itself once its VM is built
+    /// (for debugging only)
+    #[arg(long)]
+    no_seccomp: bool,
     /// Command for the guest's init to run (after `--`)
     #[arg(last = true)]
     command: Vec<String>,
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Boots (or restores), waits, prints how the guest ended; returns the process exit code.
 fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
+    let confine = !args.no_seccomp;
     let console = args
         .console
         .clone()
@@ -148,6 +155,9 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
             crx_core::builder::start_vm_at(&config, launch).context("cannot boot the guest")?
         }
     };
+    if confine {
+        seccomp::install().context("cannot confine the VMM")?;
+    }
     let outcome = match snapshot_request {
         None => vmm.wait(),
         Some((dir, signals)) => match wait_or_snapshot(vmm, &dir, signals)? {
