@@ -536,7 +536,6 @@ fn pods_restored_from_one_template_each_get_their_own_mac_and_ip_and_talk_to_the
     let (store, image) = busybox_store(&scratch);
     let rootfs = store.rootfs(&image).expect("the image has layers");
     let run_root = scratch.join("run");
-    let netns_before = netns_list();
 
     // The first pod makes the template (a VM with a network device on a throwaway tap), and
     // every pod, the first too, is restored from it onto its own tap.
@@ -568,8 +567,6 @@ fn pods_restored_from_one_template_each_get_their_own_mac_and_ip_and_talk_to_the
         pods.windows(2).all(|w| w[0].3 == w[1].3),
         "one template for all"
     );
-    // The template's tap lived in a namespace of its own, gone with the template VM.
-    assert_eq!(netns_list(), netns_before_plus(&netns_before, &ids));
 
     let mut seen = Vec::new();
     for (id, sandbox, agent, _) in &mut pods {
@@ -620,28 +617,4 @@ fn pods_restored_from_one_template_each_get_their_own_mac_and_ip_and_talk_to_the
     }
     net.assert_clean(ids[0]);
     let _ = std::fs::remove_dir_all(&scratch);
-}
-
-/// The named network namespaces (`ip netns list`).
-fn netns_list() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(network::DEFAULT_NETNS_DIR)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// `before` and the namespaces of pods `ids`, sorted.
-fn netns_before_plus(before: &[String], ids: &[&str]) -> Vec<String> {
-    let mut names: Vec<String> = before
-        .iter()
-        .cloned()
-        .chain(ids.iter().map(|id| network::netns_name(id)))
-        .collect();
-    names.sort();
-    names
 }
