@@ -684,6 +684,10 @@ fn crxctl_sees_the_pod_vm(b: &PodBench, pod: &str) {
     assert_eq!(inspect["state"]["mem_mib"].to_string(), mem_mib);
     let processes = inspect["processes"].as_array().unwrap();
     assert_eq!(processes[0]["pid"].to_string(), vmm_pid, "{inspect}");
+    assert_eq!(
+        processes[0]["seccomp"], "filter",
+        "the VMM is not confined: {inspect}"
+    );
     assert!(
         processes.iter().any(|p| p["command"][0]
             .as_str()

@@ -39,8 +39,8 @@ enum Command {
     /// its VMM's start until its agent answered, VMM pid, resident memory of the VMM and its
     /// virtiofsd processes.
     Ps,
-    /// One pod VM in detail (JSON): its recorded state, whether it runs, its processes and
-    /// their resident memory.
+    /// One pod VM in detail (JSON): its recorded state, whether it runs, its processes, their
+    /// resident memory and seccomp mode.
     Inspect { id: String },
     /// Print a pod VM's console output.
     Console {
@@ -137,10 +137,17 @@ fn inspect(state_dir: &Path, id: &str) -> anyhow::Result<()> {
         .into_iter()
         .map(|pid| {
             let process = procfs::process::Process::new(pid).ok();
+            let seccomp = match process.as_ref().and_then(|p| p.status().ok()?.seccomp) {
+                Some(0) => "off",
+                Some(1) => "strict",
+                Some(2) => "filter",
+                _ => "unknown",
+            };
             serde_json::json!({
                 "pid": pid,
                 "command": process.as_ref().and_then(|p| p.cmdline().ok()).unwrap_or_default(),
                 "rssKiB": rss_kib(&[pid]),
+                "seccomp": seccomp,
             })
         })
         .collect();
