@@ -134,9 +134,17 @@ impl Env {
 }
 
 impl Drop for Env {
-    /// A failed test may leave its pods running: they are killed, so they do not slow the tests
+    /// A failed test may leave its pods running: they are removed (`crx rm -f`: also their
+    /// network namespaces and addresses, which outlive the scratch directory, so a retry can
+    /// use the same names), and whatever is left is killed, so they do not slow the tests
     /// after it.
     fn drop(&mut self) {
+        let sandboxes = std::fs::read_dir(self.run_root().join("sandboxes"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for id in sandboxes {
+            let _ = self.crx(&["rm", "-f", &id.to_string_lossy()]).output();
+        }
         for (pid, _) in self.processes() {
             // SAFETY: kill(2) takes no pointers; the pid is one of this test's own VMMs.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -371,7 +379,16 @@ fn crx_run_restores_pods_from_a_template_each_with_its_own_ip_and_random_numbers
     for pod in &pods {
         let out = net_run(&["-d", "--name", pod, &env.layout(), "--", "sleep", "600"]);
         assert!(out.status.success());
-        assert_eq!(restored_from(&env, pod).as_ref(), Some(&made[0]));
+        if restored_from(&env, pod).as_ref() != Some(&made[0]) {
+            let dir = env.run_root().join("sandboxes").join(pod);
+            let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            panic!(
+                "{pod} was not restored from the template; its failed restore's VMM log:\n{}\n\
+                 and console:\n{}",
+                log("restore-failed.vmm.log"),
+                log("restore-failed.console.log")
+            );
+        }
     }
     println!(
         "crx-vm-boot: crx run -d ({} pods restored from the template)",
