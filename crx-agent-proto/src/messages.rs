@@ -468,8 +468,9 @@ mod tests {
 
     #[test]
     fn unknown_request_kind_decodes_as_none() {
-        // field 14 (a future request kind) is skipped by an older decoder
-        let bytes = [0x08, 0x05, 0x72, 0x00];
+        // field 15 (a future request kind, length-delimited: key 15 << 3 | 2) is skipped by
+        // an older decoder
+        let bytes = [0x08, 0x05, 0x7a, 0x00];
         let request = Request::decode(bytes.as_slice()).unwrap();
         assert_eq!(request.id, 5);
         assert!(request.kind.is_none());
