@@ -302,9 +302,10 @@ fn write_l1_conf(
         .map(|s| format!("{}={}", s.tag, s.path.display()))
         .collect();
     let conf = format!(
-        "AGENT={agent}\nAGENT_ARGS=\"--listen 0.0.0.0:{AGENT_PORT} --idle-secs {idle} --token {token}\"\nRW_SHARES=\"{shares}\"\nMODULES_DIR={modules}\nEXTRA_MODULES=\"{EXTRA_MODULES}\"\n",
+        "AGENT={agent}\nAGENT_ARGS=\"--listen 0.0.0.0:{AGENT_PORT} --idle-secs {idle} --token {token}{pin}\"\nRW_SHARES=\"{shares}\"\nMODULES_DIR={modules}\nEXTRA_MODULES=\"{EXTRA_MODULES}\"\n",
         agent = agent.display(),
         idle = settings.idle_shutdown.as_secs(),
+        pin = if settings.pin_commands { "" } else { " --no-pin" },
         shares = rw_shares.join(" "),
         modules = modules.display(),
     );

@@ -10,6 +10,7 @@
 //! | `CRX_TESTHOST_IDLE_SECS` | 600 | the L1 powers off after this long without a request |
 //! | `CRX_TESTHOST_BOOT_SECS` | 120 | give up on an L1 whose agent does not answer by then |
 //! | `CRX_TESTHOST_HANG_SECS` | 180 | a command whose L1 sends nothing (not even a heartbeat) this long means a hung L1 |
+//! | `CRX_TESTHOST_PIN` | 1 | 0: commands run on every L1 CPU, not only on CPUs 1..n (see the agent's `cpu_pin`) |
 //! | `CRX_TESTHOST_RW` | – | extra writable shares, `:`-separated absolute paths |
 //! | `CRX_TESTHOST_QEMU` | `qemu-system-x86_64` | the QEMU binary |
 //! | `CRX_TESTHOST_AGENT` | built with cargo | a prebuilt `crx-testhost-agent` to use |
@@ -33,6 +34,8 @@ pub struct Settings {
     pub idle_shutdown: Duration,
     pub boot_timeout: Duration,
     pub hang_timeout: Duration,
+    /// Commands run pinned off the L1's CPU 0 (QEMU's emulated SVM faults less so).
+    pub pin_commands: bool,
     /// Host directories the L1 mounts writable at the same paths.
     pub writable_paths: Vec<PathBuf>,
     pub qemu: PathBuf,
@@ -82,6 +85,7 @@ impl Settings {
             idle_shutdown: Duration::from_secs(number("CRX_TESTHOST_IDLE_SECS", 600)?),
             boot_timeout: Duration::from_secs(number("CRX_TESTHOST_BOOT_SECS", 120)?),
             hang_timeout: Duration::from_secs(number("CRX_TESTHOST_HANG_SECS", 180)?),
+            pin_commands: number::<u8>("CRX_TESTHOST_PIN", 1)? != 0,
             writable_paths,
             qemu: std::env::var_os("CRX_TESTHOST_QEMU")
                 .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from),

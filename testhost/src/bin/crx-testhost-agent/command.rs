@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crx_testhost::protocol::{Reply, RunRequest, HEARTBEAT_INTERVAL};
 
 use crate::cgroup::CommandCgroup;
+use crate::cpu_pin::CpuPin;
 
 /// After the command exits, how long to wait for the rest of its output (a background process
 /// it left may hold the pipes open for good).
@@ -30,7 +31,8 @@ enum Event {
     Exited(io::Result<ExitStatus>),
 }
 
-pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
+/// Runs `request` (on `pin`'s CPU, if given) and answers on `stream`.
+pub fn run(request: RunRequest, pin: Option<CpuPin>, mut stream: TcpStream) -> io::Result<()> {
     let argv: Vec<OsString> = request.argv.into_iter().map(OsString::from_vec).collect();
     let Some((program, args)) = argv.split_first() else {
         return Reply::Failure("empty command".into()).write_to(&mut stream);
@@ -45,6 +47,15 @@ pub fn run(request: RunRequest, mut stream: TcpStream) -> io::Result<()> {
         let cgroup = Arc::clone(cgroup);
         // SAFETY: the hook only calls write(2), which is async-signal-safe.
         unsafe { command.pre_exec(move || cgroup.enter_from_child()) };
+    }
+    if let Some(pin) = &pin {
+        let cpu = pin.cpu;
+        // The threads this one starts below, which carry the command's output, inherit it.
+        if let Err(e) = CpuPin::restrict_current_thread(cpu) {
+            tracing::warn!("cannot pin the command's output threads to CPU {cpu}: {e}");
+        }
+        // SAFETY: the hook only calls sched_setaffinity(2), which is async-signal-safe.
+        unsafe { command.pre_exec(move || CpuPin::restrict_current_thread(cpu)) };
     }
     let spawned = command
         .args(args)

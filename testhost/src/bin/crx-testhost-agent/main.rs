@@ -1,11 +1,12 @@
 //! `crx-testhost-agent`: the test host's command agent, exec'd by the L1's /init as PID 1.
 //!
-//! `crx-testhost-agent --listen ADDR --idle-secs N --token SECRET`. As PID 1 it only supervises (see
-//! [`supervisor`]); its child serves requests (see [`server`]) and exits after N idle seconds,
-//! which powers the L1 off.
+//! `crx-testhost-agent --listen ADDR --idle-secs N --token SECRET [--no-pin]`. As PID 1 it only
+//! supervises (see [`supervisor`]); its child serves requests (see [`server`]) and exits after N
+//! idle seconds, which powers the L1 off.
 
 mod cgroup;
 mod command;
+mod cpu_pin;
 mod server;
 mod supervisor;
 
@@ -18,12 +19,15 @@ struct Args {
     idle: Duration,
     /// Requests without this token are refused.
     token: String,
+    /// Pin each command to one CPU (see [`cpu_pin`]); `--no-pin` turns it off.
+    pin_commands: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut idle = None;
     let mut token = None;
+    let mut pin_commands = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -35,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
                 ));
             }
             "--token" => token = Some(value()?),
+            "--no-pin" => pin_commands = false,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -42,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         listen: listen.ok_or("--listen is required")?,
         idle: idle.ok_or("--idle-secs is required")?,
         token: token.ok_or("--token is required")?,
+        pin_commands,
     })
 }
 
@@ -57,7 +63,7 @@ fn main() {
         Ok(args) => args,
         Err(e) => {
             tracing::error!(
-                "{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N --token SECRET"
+                "{e}; usage: crx-testhost-agent --listen ADDR --idle-secs N --token SECRET [--no-pin]"
             );
             std::process::exit(2);
         }
@@ -65,7 +71,7 @@ fn main() {
     if std::process::id() == 1 {
         supervisor::run();
     }
-    if let Err(e) = server::serve(args.listen, args.idle, args.token) {
+    if let Err(e) = server::serve(args.listen, args.idle, args.token, args.pin_commands) {
         tracing::error!("cannot serve on {}: {e}", args.listen);
         std::process::exit(1);
     }

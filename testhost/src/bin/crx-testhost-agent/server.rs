@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crx_testhost::protocol::{Reply, Request, Status, PROTOCOL_VERSION};
 
 use crate::command;
+use crate::cpu_pin::CpuPins;
 
 /// When the agent last had something to do, and how much it has now.
 pub struct Activity {
@@ -18,6 +19,8 @@ pub struct Activity {
     idle_limit: Duration,
     last_request: Mutex<Instant>,
     active_commands: AtomicUsize,
+    /// Where commands are pinned; `None` runs them on every CPU.
+    cpu_pins: Option<Arc<CpuPins>>,
 }
 
 impl Activity {
@@ -53,7 +56,12 @@ impl Drop for CommandGuard {
     }
 }
 
-pub fn serve(listen: SocketAddr, idle_limit: Duration, token: String) -> io::Result<()> {
+pub fn serve(
+    listen: SocketAddr,
+    idle_limit: Duration,
+    token: String,
+    pin_commands: bool,
+) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     let activity = Arc::new(Activity {
         token,
@@ -61,10 +69,16 @@ pub fn serve(listen: SocketAddr, idle_limit: Duration, token: String) -> io::Res
         idle_limit,
         last_request: Mutex::new(Instant::now()),
         active_commands: AtomicUsize::new(0),
+        cpu_pins: pin_commands.then(CpuPins::for_this_host).flatten(),
     });
     tracing::info!(
-        "agent serving on {listen}; powering off after {} s idle",
-        idle_limit.as_secs()
+        "agent serving on {listen}; powering off after {} s idle; commands {}",
+        idle_limit.as_secs(),
+        if activity.cpu_pins.is_some() {
+            "pinned each to one CPU"
+        } else {
+            "on every CPU"
+        }
     );
     {
         let activity = Arc::clone(&activity);
@@ -124,7 +138,8 @@ fn handle(mut stream: TcpStream, activity: &Arc<Activity>) -> io::Result<()> {
         }
         Request::Run(run) => {
             let _guard = activity.command();
-            command::run(run, stream)
+            let pin = activity.cpu_pins.as_ref().map(|pins| pins.take());
+            command::run(run, pin, stream)
         }
     }
 }
