@@ -13,6 +13,7 @@ pub const EXAMPLE: &str = r#"Configuration file (TOML; every key optional, defau
   listen = "unix:///run/crx/crx.sock"  # the CRI socket (made 0600, its directory 0700)
   state_dir = "/run/crx"               # this instance's runtime state (sandboxes)
   log_level = "info"                   # tracing filter: "debug", "crx_cri=debug,info", ...
+  streaming_address = "127.0.0.1:0"    # Exec/Attach sessions (one-time URLs); port 0: any free
 
   [runtime]
   handler = "crx"              # the RuntimeClass handler name this runtime answers to
@@ -68,6 +69,8 @@ pub enum ConfigError {
     NotUnix { listen: String, scheme: String },
     #[error("listen = {0:?}: the socket path must be absolute")]
     RelativeSocket(String),
+    #[error("streaming_address = {0:?}: not an IP:PORT address")]
+    StreamingAddress(String),
     #[error("runtime.handler must not be empty")]
     NoHandler,
     #[error("runtime.vcpus and runtime.memory_mib must be positive")]
@@ -84,6 +87,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// A `tracing` filter directive.
     pub log_level: String,
+    /// `IP:PORT` of the streaming server for Exec and Attach (port 0: any free one).
+    pub streaming_address: String,
     pub runtime: RuntimeConfig,
     pub network: NetworkConfig,
     pub image: ImageConfig,
@@ -141,6 +146,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.into(),
             state_dir: PathBuf::from(crx_runtime::sandbox::DEFAULT_RUN_ROOT),
             log_level: "info".into(),
+            streaming_address: "127.0.0.1:0".into(),
             runtime: RuntimeConfig::default(),
             network: NetworkConfig::default(),
             image: ImageConfig::default(),
@@ -195,6 +201,13 @@ impl RuntimeConfig {
 }
 
 impl Config {
+    /// Where the streaming server listens.
+    pub fn streaming_address(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.streaming_address
+            .parse()
+            .map_err(|_| ConfigError::StreamingAddress(self.streaming_address.clone()))
+    }
+
     /// Read `path`; with `required` false a missing file means the defaults.
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
@@ -223,6 +236,7 @@ impl Config {
     /// Values that would only fail later.
     pub fn check(&self) -> Result<(), ConfigError> {
         socket_path(&self.listen)?;
+        self.streaming_address()?;
         if self.runtime.handler.is_empty() {
             return Err(ConfigError::NoHandler);
         }

@@ -29,11 +29,21 @@ use crate::errors::{agent_status, pod_status, sandbox_status};
 use crate::images::Catalog;
 use crate::pods::{labels_match, Runtime};
 use crate::records::{new_id, now_ns, ContainerRecord, ContainerState};
+use crate::streams::AttachPoint;
 
 /// How long to wait for a running pod's agent to answer.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest output ExecSync keeps per stream.
 const MAX_EXEC_OUTPUT: usize = 8 << 20;
+
+/// A process started in a container by [`Runtime::start_exec`].
+pub(crate) struct Exec {
+    pub record: ContainerRecord,
+    /// The agent client that started it (to signal it).
+    pub agent: AgentClient,
+    pub exec_id: String,
+    pub attachment: StdioAttachment,
+}
 
 impl Runtime {
     /// The running sandbox of pod `pod` and a client of its agent.
@@ -153,6 +163,7 @@ impl Runtime {
             log_path,
             log_path_relative: config.log_path,
             stdin: config.stdin,
+            stdin_once: config.stdin_once,
             tty: config.tty,
             created_ns: now_ns(),
             started_ns: 0,
@@ -236,6 +247,15 @@ impl Runtime {
         self.logs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn attach_points_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AttachPoint>>> {
+        self.attach_points.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stdio of running container `id`, if this process pumps it (not after a restart).
+    pub(crate) fn attach_point(&self, id: &str) -> Option<Arc<AttachPoint>> {
+        self.attach_points_map().get(id).cloned()
+    }
+
     /// Copies the container's output into its log until it exits, then records the exit.
     fn pump(
         &self,
@@ -248,9 +268,16 @@ impl Runtime {
         if !keep_stdin {
             let _ = input.close_stdin();
         }
+        let point = Arc::new(AttachPoint::new(keep_stdin.then_some(input)));
+        self.attach_points_map()
+            .insert(id.to_owned(), Arc::clone(&point));
         let (mut out, mut err) = (LineSplitter::default(), LineSplitter::default());
         let ended = loop {
-            match output.next_output() {
+            let event = output.next_output();
+            if let Ok(event) = &event {
+                point.publish(event);
+            }
+            match event {
                 Ok(Output::Stdout(data)) => {
                     if let Some(log) = &log {
                         out.push(log, Stream::Stdout, &data);
@@ -279,7 +306,8 @@ impl Runtime {
             out.finish(log, Stream::Stdout);
             err.finish(log, Stream::Stderr);
         }
-        drop(input);
+        point.close();
+        self.attach_points_map().remove(id);
         match ended {
             Ok(status) => self.record_exit(id, &status),
             Err(e) => {
@@ -513,24 +541,13 @@ impl Runtime {
         Ok(())
     }
 
-    /// ExecSync: runs `cmd` in the container and returns its output and exit code; after
-    /// `timeout` (zero: none) the process is killed and the call fails.
-    pub fn exec_sync(
-        &self,
-        id: &str,
-        cmd: Vec<String>,
-        timeout: Duration,
-    ) -> Result<cri::ExecSyncResponse, Status> {
+    /// Starts `cmd` in running container `id` (on a terminal if `tty`) with its stdio
+    /// attached; for ExecSync and the streaming Exec.
+    pub(crate) fn start_exec(&self, id: &str, cmd: Vec<String>, tty: bool) -> Result<Exec, Status> {
         if cmd.is_empty() {
             return Err(Status::invalid_argument("no command to run"));
         }
-        let record = self.container(id)?;
-        if record.state() != ContainerState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
+        let record = self.running_container(id)?;
         let (sandbox, mut agent) = self.agent_of(&record.pod_id)?;
         let exec_id = new_id()[..16].to_owned();
         agent
@@ -541,7 +558,7 @@ impl Runtime {
                 env: exec_env(Vec::new()),
                 cwd: String::new(),
                 user: None,
-                terminal: false,
+                terminal: tty,
             })
             .map_err(agent_status)?;
         let attachment = StdioAttachment::attach(
@@ -551,6 +568,40 @@ impl Runtime {
             &exec_id,
         )
         .map_err(agent_status)?;
+        Ok(Exec {
+            record,
+            agent,
+            exec_id,
+            attachment,
+        })
+    }
+
+    /// The record of container `id`, which must be running.
+    pub(crate) fn running_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        let record = self.container(id)?;
+        if record.state() != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                record.id
+            )));
+        }
+        Ok(record)
+    }
+
+    /// ExecSync: runs `cmd` in the container and returns its output and exit code; after
+    /// `timeout` (zero: none) the process is killed and the call fails.
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        let Exec {
+            record,
+            mut agent,
+            exec_id,
+            attachment,
+        } = self.start_exec(id, cmd, false)?;
         let (mut input, output) = attachment.split();
         let _ = input.close_stdin();
         let (done_tx, done_rx) = mpsc::channel();
@@ -589,13 +640,7 @@ impl Runtime {
 
     /// ReopenContainerLog.
     pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
-        let record = self.container(id)?;
-        if record.state() != ContainerState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
+        let record = self.running_container(id)?;
         let log = self.logs_map().get(&record.id).cloned();
         match log {
             Some(log) => log

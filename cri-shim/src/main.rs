@@ -14,6 +14,7 @@ mod records;
 mod runtime_service;
 mod server;
 mod stats;
+mod streams;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

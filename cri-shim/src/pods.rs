@@ -23,6 +23,7 @@ use crate::cri_log::ContainerLog;
 use crate::errors::sandbox_status;
 use crate::records::{new_id, now_ns, ContainerState, PodRecord, Records};
 use crate::stats::CpuSamples;
+use crate::streams::AttachPoint;
 use crx_cri::config::Config;
 use crx_cri::POD_LABEL;
 
@@ -40,6 +41,8 @@ pub struct Runtime {
     pub logs: Mutex<HashMap<String, Arc<ContainerLog>>>,
     /// The previous CPU sample of each container and pod, for the stats' CPU rate.
     pub cpu_samples: CpuSamples,
+    /// The stdio of running containers this process pumps, by container ID, for Attach.
+    pub attach_points: Mutex<HashMap<String, Arc<AttachPoint>>>,
 }
 
 impl Runtime {
@@ -52,6 +55,7 @@ impl Runtime {
             records: Mutex::new(records),
             logs: Mutex::default(),
             cpu_samples: CpuSamples::default(),
+            attach_points: Mutex::default(),
         });
         runtime.recover();
         Ok(runtime)

@@ -66,6 +66,9 @@ pub struct ContainerRecord {
     /// The CRI's `log_path` as given (relative to the pod's log directory).
     pub log_path_relative: String,
     pub stdin: bool,
+    /// Stdin closes when the first attached client that wrote to it detaches.
+    #[serde(default)]
+    pub stdin_once: bool,
     pub tty: bool,
     pub created_ns: i64,
     pub started_ns: i64,

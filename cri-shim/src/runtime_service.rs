@@ -2,8 +2,9 @@
 //! container calls and ExecSync ([`crate::containers`]), the stats calls ([`crate::stats`]);
 //! those block, so they run on the blocking pool. ListMetricDescriptors and
 //! ListPodSandboxMetrics answer empty lists (no metrics beyond the stats), RuntimeConfig the
-//! cgroupfs driver, UpdateRuntimeConfig keeps the pod CIDR. The calls not built yet (streaming
-//! Exec/Attach/PortForward, resource updates, checkpoints, events) answer Unimplemented, naming
+//! cgroupfs driver, UpdateRuntimeConfig keeps the pod CIDR. Exec and Attach answer a one-time
+//! URL of the streaming server ([`crate::streams`]). The calls not built yet (PortForward,
+//! checkpoints, events) answer Unimplemented, naming
 //! themselves: each implemented call moves from the `not_built` list of [`runtime_service!`] to
 //! its `implemented` block.
 
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::errors::join_status;
 use crate::pods::Runtime;
 use crx_cri::config::Config;
+use crx_streaming::{Request as StreamRequest, RequestKind, StreamingServer};
 
 /// The CRI API version this server speaks.
 pub const RUNTIME_API_VERSION: &str = "v1";
@@ -32,15 +34,56 @@ pub struct RuntimeService {
     /// The pod CIDR kubelet last gave in UpdateRuntimeConfig. Only kept and logged: the CNI
     /// plugins take their address ranges from their own configuration.
     pod_cidr: Mutex<String>,
+    /// Where Exec and Attach sessions are served.
+    streaming: Arc<StreamingServer>,
 }
 
 impl RuntimeService {
-    pub fn new(runtime: Arc<Runtime>) -> Self {
+    pub fn new(runtime: Arc<Runtime>, streaming: Arc<StreamingServer>) -> Self {
         RuntimeService {
             config: runtime.config.clone(),
             runtime,
             pod_cidr: Mutex::default(),
+            streaming,
         }
+    }
+
+    /// A one-time streaming URL for a session on container `id`, which must be running.
+    fn stream_url(
+        &self,
+        id: &str,
+        kind: RequestKind,
+        tty: bool,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    ) -> Result<String, Status> {
+        if !(stdin || stdout || stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if tty && stderr {
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be set (a terminal carries both outputs)",
+            ));
+        }
+        if let RequestKind::Exec { cmd } = &kind {
+            if cmd.is_empty() {
+                return Err(Status::invalid_argument("no command to run"));
+            }
+        }
+        let record = self.runtime.running_container(id)?;
+        self.streaming
+            .url(StreamRequest {
+                kind,
+                container_id: record.id,
+                tty,
+                stdin,
+                stdout,
+                stderr,
+            })
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Runs `f` on the runtime on the blocking pool.
@@ -281,6 +324,38 @@ runtime_service! {
             .await
         }
 
+        async fn exec(
+            &self,
+            request: Request<cri::ExecRequest>,
+        ) -> Result<Response<cri::ExecResponse>, Status> {
+            let r = request.into_inner();
+            let url = self.stream_url(
+                &r.container_id,
+                RequestKind::Exec { cmd: r.cmd },
+                r.tty,
+                r.stdin,
+                r.stdout,
+                r.stderr,
+            )?;
+            Ok(Response::new(cri::ExecResponse { url }))
+        }
+
+        async fn attach(
+            &self,
+            request: Request<cri::AttachRequest>,
+        ) -> Result<Response<cri::AttachResponse>, Status> {
+            let r = request.into_inner();
+            let url = self.stream_url(
+                &r.container_id,
+                RequestKind::Attach,
+                r.tty,
+                r.stdin,
+                r.stdout,
+                r.stderr,
+            )?;
+            Ok(Response::new(cri::AttachResponse { url }))
+        }
+
         async fn exec_sync(
             &self,
             request: Request<cri::ExecSyncRequest>,
@@ -418,8 +493,6 @@ runtime_service! {
         }
     }
     not_built {
-        exec: ExecRequest -> ExecResponse,
-        attach: AttachRequest -> AttachResponse,
         port_forward: PortForwardRequest -> PortForwardResponse,
         checkpoint_container: CheckpointContainerRequest -> CheckpointContainerResponse,
     }

@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,7 +18,9 @@ use crate::deadline::DeadlineLayer;
 use crate::image_service::ImageService;
 use crate::pods::Runtime;
 use crate::runtime_service::RuntimeService;
+use crate::streams::SessionHandler;
 use crx_cri::config::Config;
+use crx_streaming::StreamingServer;
 
 /// How long requests still running at a stop signal may take to finish.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -33,7 +36,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let images = ImageService::new(store.clone(), registry);
     let pods = Runtime::new(config.clone(), store)
         .with_context(|| format!("loading the pod records in {}", config.state_dir.display()))?;
-    let runtime = RuntimeService::new(pods);
+    let streaming = StreamingServer::start(
+        config.streaming_address()?,
+        Arc::new(SessionHandler(pods.clone())),
+    )
+    .context("starting the streaming server")?;
+    let runtime = RuntimeService::new(pods, streaming);
 
     let socket = config.socket();
     let listener = bind(&socket)?;

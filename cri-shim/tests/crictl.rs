@@ -9,6 +9,7 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::{Command, Stdio};
 
 use base64::Engine as _;
 use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
@@ -704,6 +705,94 @@ fn crxctl_sees_the_pod_vm(b: &PodBench, pod: &str) {
     );
 }
 
+/// Exec and Attach through crx-cri's streaming server (SPDY/3.1, `v4.channel.k8s.io`, as
+/// kubelet's clients speak it): both output streams, stdin to its EOF, the exit code, a
+/// terminal, and attaching to a container's own process.
+fn streaming_exec_and_attach_work(b: &PodBench, pod: &str, pod_config: &str, main: &str) {
+    let c = &b.cri;
+    let out = c.crictl(&["exec", main, "sh", "-c", "echo streamed; echo to-err >&2"]);
+    assert!(out.status.success(), "{out:?}\ncrx-cri log:\n{}", c.log());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "streamed\n",
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("to-err"),
+        "{out:?}"
+    );
+    // The exit code comes back in the session's final status.
+    let out = c.crictl(&["exec", main, "sh", "-c", "exit 4"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exit code 4"),
+        "{out:?}"
+    );
+    // stdin reaches the process, and its end ends the process's input.
+    let out = c.crictl_with_input(&["exec", "-i", main, "tr", "a-z", "A-Z"], b"hello stdin\n");
+    assert!(out.status.success(), "{out:?}\ncrx-cri log:\n{}", c.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO STDIN\n");
+    // A terminal: crictl wants one of its own, which script(1) gives it.
+    let crictl = c.crictl_command(&["exec", "-it", main, "tty"]);
+    let line = std::iter::once(crictl.get_program())
+        .chain(crictl.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) (util-linux) runs");
+    // Its stdin stays open until it is done: an EOF would end the terminal session early.
+    let _stdin = script.stdin.take();
+    let stdout = script.stdout.take().unwrap();
+    let printed = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
+    let status = script.wait().unwrap();
+    let printed = printed.join().unwrap();
+    assert!(
+        status.success() && printed.contains("/dev/pts/"),
+        "crictl exec -it tty: {status}: {printed:?}\ncrx-cri log:\n{}",
+        c.log()
+    );
+
+    // Attach: the container's own process, reading its stdin until the first client's EOF.
+    let config = b.json(
+        "container-reader.json",
+        serde_json::json!({
+            "metadata": {"name": "reader"},
+            "image": {"image": "busybox"},
+            "command": ["sh", "-c", "cat; echo done"],
+            "stdin": true,
+            "stdin_once": true,
+            "log_path": "reader/0.log",
+            "linux": {}
+        }),
+    );
+    let reader = c
+        .crictl_ok(&["create", "--no-pull", pod, &config, pod_config])
+        .trim()
+        .to_owned();
+    c.crictl_ok(&["start", &reader]);
+    b.wait_state(&reader, "CONTAINER_RUNNING");
+    let out = c.crictl_with_input(&["attach", "-i", &reader], b"ping\n");
+    assert!(out.status.success(), "{out:?}\ncrx-cri log:\n{}", c.log());
+    // The client's EOF closed the container's stdin (stdin_once): cat ended.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ping\ndone\n",
+        "{out:?}"
+    );
+    let exited = b.wait_state(&reader, "CONTAINER_EXITED");
+    assert_eq!(exited["status"]["exitCode"], 0, "{exited}");
+    c.crictl_ok(&["rm", &reader]);
+    // A stream URL for a container that is not running is refused up front.
+    let gone = c.crictl(&["exec", &reader, "true"]);
+    assert!(!gone.status.success(), "{gone:?}");
+}
+
 #[test]
 fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     if !crx_testhost::vm_test_here!() {
@@ -873,6 +962,7 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     // A timeout kills the command and fails the call.
     let slow = c.crictl(&["exec", "-s", "--timeout", "2", &main, "sleep", "60"]);
     assert!(!slow.status.success(), "{slow:?}");
+    streaming_exec_and_attach_work(&b, &pod, &pod_config, &main);
 
     // Logs: crictl reads the CRI log files; the raw files are in the CRI format.
     let logs = c.crictl(&["logs", &main]);

@@ -139,16 +139,37 @@ impl CriServer {
 
     /// Run `crictl` against this server.
     pub fn crictl(&self, args: &[&str]) -> Output {
-        Command::new(cri_tool("crictl"))
-            .arg("--runtime-endpoint")
+        self.crictl_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run crictl")
+    }
+
+    /// `crictl ARGS` against this server, not yet run.
+    pub fn crictl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(cri_tool("crictl"));
+        cmd.arg("--runtime-endpoint")
             .arg(self.endpoint())
             .arg("--image-endpoint")
             .arg(self.endpoint())
             .args(["--timeout", "300s"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run crictl")
+            .args(args);
+        cmd
+    }
+
+    /// Run `crictl` with `input` on its stdin (then closed).
+    pub fn crictl_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .crictl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run crictl");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        std::io::Write::write_all(&mut stdin, input).expect("write crictl's stdin");
+        drop(stdin);
+        child.wait_with_output().expect("wait for crictl")
     }
 
     /// Run `crictl` and return its stdout; fails the test (with crictl's and crx-cri's output)
