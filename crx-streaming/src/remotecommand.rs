@@ -318,7 +318,8 @@ fn read_frames(conn: TcpStream, writer: &Writer, opened: &Sender<Opened>) {
             }
             Frame::Ping { id } => lock(writer).ping(id),
             Frame::GoAway => return,
-            Frame::Ignored { .. } => Ok(()),
+            // A client opens the streams; it has nothing to accept.
+            Frame::SynReply { .. } | Frame::Ignored { .. } => Ok(()),
         };
         if let Err(e) = answered {
             tracing::debug!("streaming connection: writing: {e}");

@@ -43,6 +43,10 @@ pub enum Frame {
         fin: bool,
         headers: Vec<(String, String)>,
     },
+    /// The peer accepted a stream this side opened.
+    SynReply {
+        stream_id: u32,
+    },
     Data {
         stream_id: u32,
         fin: bool,
@@ -56,7 +60,7 @@ pub enum Frame {
         id: u32,
     },
     GoAway,
-    /// SYN_REPLY, SETTINGS, HEADERS, WINDOW_UPDATE and types this server has no use for.
+    /// SETTINGS, HEADERS, WINDOW_UPDATE and types this server has no use for.
     Ignored {
         kind: u16,
     },
@@ -221,7 +225,12 @@ impl<R: Read> FrameReader<R> {
                 // Their header blocks still advance the inbound compression context.
                 let block = payload.get(4..).unwrap_or_default();
                 self.headers(block)?;
-                Frame::Ignored { kind }
+                match kind {
+                    control::SYN_REPLY => Frame::SynReply {
+                        stream_id: word(0)? & 0x7fff_ffff,
+                    },
+                    _ => Frame::Ignored { kind },
+                }
             }
             control::RST_STREAM => Frame::RstStream {
                 stream_id: word(0)? & 0x7fff_ffff,
@@ -330,6 +339,15 @@ impl<W: Write> FrameWriter<W> {
         self.output.flush()
     }
 
+    /// Opens a stream with `headers` (the client's side of a session).
+    pub fn syn_stream(&mut self, stream_id: u32, headers: &[(&str, &str)]) -> io::Result<()> {
+        let mut payload = stream_id.to_be_bytes().to_vec();
+        // No associated stream, priority 0, slot 0.
+        payload.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        payload.extend(self.header_block(headers)?);
+        self.control(control::SYN_STREAM, 0, &payload)
+    }
+
     /// Accepts the peer's stream, with no headers.
     pub fn syn_reply(&mut self, stream_id: u32) -> io::Result<()> {
         let mut payload = stream_id.to_be_bytes().to_vec();
@@ -412,13 +430,9 @@ mod tests {
         let mut wire = Vec::new();
         let mut writer = FrameWriter::new(&mut wire);
         for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {
-            let block = writer
-                .header_block(&[("streamType", kind), ("x-multi", "a\0b")])
+            writer
+                .syn_stream(id, &[("streamType", kind), ("x-multi", "a\0b")])
                 .unwrap();
-            let mut payload = (id as u32).to_be_bytes().to_vec();
-            payload.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-            payload.extend(block);
-            writer.control(control::SYN_STREAM, 0, &payload).unwrap();
         }
         writer.data(3, b"hello", true).unwrap();
         writer.ping(7).unwrap();
