@@ -384,10 +384,18 @@ async fn malformed_and_unimplemented_requests() {
         })
         .await
         .unwrap();
-    // Streaming is not built: Unimplemented, naming the call.
+    // Streaming requests are checked before a URL is handed out.
     let err = runtime.exec(cri::ExecRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
-    assert!(err.message().contains("Exec"), "{err}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = runtime
+        .attach(cri::AttachRequest {
+            container_id: "0123456789ab".into(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
     // Still serving.
     let version = runtime
         .version(cri::VersionRequest::default())
