@@ -17,6 +17,7 @@ use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_runtime::agent::{AgentClient, Output, StdioAttachment};
 use crx_runtime::pod::{add_container, exit_code, remove_container, stop_container};
 use crx_runtime::sandbox::Sandbox;
+use crx_runtime::share::{Propagation, Volume};
 use crx_runtime::spec::{exec_env, ProcessOverrides};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{
@@ -28,13 +29,66 @@ use crate::cri_log::{ContainerLog, LineSplitter, Stream};
 use crate::errors::{agent_status, pod_status, sandbox_status};
 use crate::images::Catalog;
 use crate::pods::{labels_match, Runtime};
-use crate::records::{new_id, now_ns, ContainerRecord, ContainerState};
+use crate::records::{new_id, now_ns, ContainerRecord, ContainerState, MountRecord};
 use crate::streams::AttachPoint;
 
 /// How long to wait for a running pod's agent to answer.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest output ExecSync keeps per stream.
 const MAX_EXEC_OUTPUT: usize = 8 << 20;
+
+/// The CRI mounts of a container as volumes of its pod VM's share, checked the way containerd
+/// checks them: the host path must be absolute; one that does not exist is made a directory;
+/// symbolic links in it are resolved (the container sees what the link points at); host
+/// mounts made below it later reach the container with host-to-container propagation. What
+/// cannot cross into a VM is refused: mounts propagating back to the host, image volumes,
+/// recursive read-only.
+fn volumes_of(mounts: &[cri::Mount]) -> Result<Vec<Volume>, Status> {
+    let mut volumes = Vec::with_capacity(mounts.len());
+    for mount in mounts {
+        let invalid = |why: &str| {
+            Status::invalid_argument(format!(
+                "mount {:?} at {:?}: {why}",
+                mount.host_path, mount.container_path
+            ))
+        };
+        if !mount.container_path.starts_with('/') {
+            return Err(invalid("the container path is not absolute"));
+        }
+        if mount.image.is_some() {
+            return Err(invalid("image volumes are not supported"));
+        }
+        if mount.recursive_read_only {
+            return Err(invalid("recursive read-only mounts are not supported"));
+        }
+        if mount.propagation() == cri::MountPropagation::PropagationBidirectional {
+            return Err(invalid(
+                "bidirectional propagation cannot reach the host from a pod VM",
+            ));
+        }
+        let host_path = Path::new(&mount.host_path);
+        if !host_path.is_absolute() {
+            return Err(invalid("the host path is not absolute"));
+        }
+        if std::fs::symlink_metadata(host_path).is_err() {
+            std::fs::create_dir_all(host_path)
+                .map_err(|e| invalid(&format!("cannot create the host path: {e}")))?;
+        }
+        let host_path = std::fs::canonicalize(host_path)
+            .map_err(|e| invalid(&format!("cannot resolve the host path: {e}")))?;
+        let propagation = match mount.propagation() {
+            cri::MountPropagation::PropagationHostToContainer => Propagation::HostToContainer,
+            _ => Propagation::Private,
+        };
+        volumes.push(Volume {
+            host_path,
+            container_path: mount.container_path.clone(),
+            read_only: mount.readonly,
+            propagation,
+        });
+    }
+    Ok(volumes)
+}
 
 /// A process started in a container by [`Runtime::start_exec`].
 pub(crate) struct Exec {
@@ -144,6 +198,7 @@ impl Runtime {
             hostname: Some(pod.hostname.clone()),
             memory_limit,
         };
+        let volumes = volumes_of(&config.mounts)?;
         let id = new_id();
         let record = ContainerRecord {
             id: id.clone(),
@@ -171,6 +226,16 @@ impl Runtime {
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
+            mounts: config
+                .mounts
+                .iter()
+                .map(|m| MountRecord {
+                    container_path: m.container_path.clone(),
+                    host_path: m.host_path.clone(),
+                    readonly: m.readonly,
+                    propagation: m.propagation,
+                })
+                .collect(),
         };
         let (sandbox, mut agent) = self.agent_of(&pod.id)?;
         add_container(
@@ -181,6 +246,7 @@ impl Runtime {
             &id,
             &record.lease(),
             &process,
+            &volumes,
         )
         .map_err(pod_status)?;
         if let Err(e) = self.records().save_container(record.clone()) {
@@ -465,7 +531,17 @@ impl Runtime {
             message: record.message.clone(),
             labels: record.labels.clone().into_iter().collect(),
             annotations: record.annotations.clone().into_iter().collect(),
-            mounts: Vec::new(),
+            mounts: record
+                .mounts
+                .iter()
+                .map(|m| cri::Mount {
+                    container_path: m.container_path.clone(),
+                    host_path: m.host_path.clone(),
+                    readonly: m.readonly,
+                    propagation: m.propagation,
+                    ..Default::default()
+                })
+                .collect(),
             log_path: record
                 .log_path
                 .as_ref()

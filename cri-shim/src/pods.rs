@@ -9,6 +9,7 @@
 //! them on the blocking pool.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use crate::cri_log::ContainerLog;
-use crate::errors::sandbox_status;
+use crate::errors::{agent_status, sandbox_status};
 use crate::records::{new_id, now_ns, ContainerState, PodRecord, Records};
 use crate::stats::CpuSamples;
 use crate::streams::AttachPoint;
@@ -260,6 +261,29 @@ impl Runtime {
         }
         tracing::info!(id, vcpus, mem_mib, "pod sandbox ready");
         Ok(id)
+    }
+
+    /// The record of pod `id` (or a unique prefix of it) while its VM runs.
+    pub(crate) fn ready_pod(&self, id: &str) -> Result<PodRecord, Status> {
+        let records = self.records();
+        let id = records.pod_id(id)?;
+        let pod = records.pods.get(&id).cloned().expect("pod_id found it");
+        drop(records);
+        if pod.stopped || self.live_sandbox(&id).is_none() {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {id} is not ready"
+            )));
+        }
+        Ok(pod)
+    }
+
+    /// A TCP connection to `port` on the loopback of pod `id`'s VM, where its containers
+    /// listen (PortForward), through the pod's agent.
+    pub(crate) fn forward_tcp(&self, id: &str, port: u16) -> Result<UnixStream, Status> {
+        let pod = self.ready_pod(id)?;
+        let sandbox = Sandbox::open(&self.run_root(), &pod.id).map_err(sandbox_status)?;
+        let deadline = Instant::now() + crate::containers::AGENT_TIMEOUT;
+        crx_runtime::agent::forward_tcp(&sandbox.vsock_path(), port, deadline).map_err(agent_status)
     }
 
     /// StopPodSandbox: the containers are killed, the VM powered off, the network released.

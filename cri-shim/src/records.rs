@@ -76,6 +76,19 @@ pub struct ContainerRecord {
     pub exit_code: i32,
     pub reason: String,
     pub message: String,
+    /// The CRI mounts, as the container's status reports them.
+    #[serde(default)]
+    pub mounts: Vec<MountRecord>,
+}
+
+/// One CRI mount of a container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub container_path: String,
+    pub host_path: String,
+    pub readonly: bool,
+    /// The CRI's `MountPropagation` value.
+    pub propagation: i32,
 }
 
 impl ContainerRecord {

@@ -77,7 +77,7 @@ impl RuntimeService {
         self.streaming
             .url(StreamRequest {
                 kind,
-                container_id: record.id,
+                target_id: record.id,
                 tty,
                 stdin,
                 stdout,
@@ -356,6 +356,35 @@ runtime_service! {
             Ok(Response::new(cri::AttachResponse { url }))
         }
 
+        async fn port_forward(
+            &self,
+            request: Request<cri::PortForwardRequest>,
+        ) -> Result<Response<cri::PortForwardResponse>, Status> {
+            let r = request.into_inner();
+            let ports = r
+                .port
+                .iter()
+                .map(|&port| {
+                    u16::try_from(port).ok().filter(|&p| p != 0).ok_or_else(|| {
+                        Status::invalid_argument(format!("{port} is not a TCP port"))
+                    })
+                })
+                .collect::<Result<Vec<u16>, Status>>()?;
+            let pod = self.runtime.ready_pod(&r.pod_sandbox_id)?;
+            let url = self
+                .streaming
+                .url(StreamRequest {
+                    kind: RequestKind::PortForward { ports },
+                    target_id: pod.id,
+                    tty: false,
+                    stdin: false,
+                    stdout: false,
+                    stderr: false,
+                })
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(cri::PortForwardResponse { url }))
+        }
+
         async fn exec_sync(
             &self,
             request: Request<cri::ExecSyncRequest>,
@@ -493,7 +522,6 @@ runtime_service! {
         }
     }
     not_built {
-        port_forward: PortForwardRequest -> PortForwardResponse,
         checkpoint_container: CheckpointContainerRequest -> CheckpointContainerResponse,
     }
 }

@@ -1,20 +1,25 @@
-//! Exec and Attach over the streaming server ([`crx_streaming`]): the CRI call gets a one-time
-//! URL, and the session it opens runs here. Exec starts a process in the container (on a
-//! terminal if asked) through its pod's agent and copies its stdio to the client's streams.
-//! Attach joins the container's own process through its [`AttachPoint`]: the log pump shares
-//! the output with every attached client, and clients write to the container's stdin.
+//! Exec, Attach and PortForward over the streaming server ([`crx_streaming`]): the CRI call
+//! gets a one-time URL, and the session it opens runs here. Exec starts a process in the
+//! container (on a terminal if asked) through its pod's agent and copies its stdio to the
+//! client's streams. Attach joins the container's own process through its [`AttachPoint`]: the
+//! log pump shares the output with every attached client, and clients write to the container's
+//! stdin. PortForward reaches a port on the pod VM's loopback through the agent's forwarding
+//! channel, one vsock connection per TCP connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crx_runtime::agent::{Output, StdioInputHalf, StdioOutputHalf};
+use crx_runtime::agent::{AgentClient, Output, StdioInputHalf, StdioOutputHalf};
 use crx_runtime::pod::exit_code;
-use crx_streaming::{Handler, OutputStream, Request, RequestKind, Resize, Stdin, Streams};
+use crx_streaming::{
+    Handler, OutputStream, PortConnection, Request, RequestKind, Resize, Stdin, Streams,
+};
 
 use crate::containers::Exec;
 use crate::pods::Runtime;
 
-/// How often an attach with nothing to copy checks that its client is still there.
+/// How often a session with nothing to copy checks that its client is still there.
 const HANGUP_CHECK: Duration = Duration::from_secs(1);
 
 /// A running container's stdio, shared by its log pump and attached clients.
@@ -74,7 +79,17 @@ impl Handler for SessionHandler {
         match &request.kind {
             RequestKind::Exec { cmd } => self.exec(&request, cmd.clone(), streams),
             RequestKind::Attach => self.attach(&request, streams),
+            RequestKind::PortForward { .. } => Err("a port forward has no streams".to_owned()),
         }
+    }
+
+    fn forward(&self, sandbox_id: &str, port: u16) -> Result<Box<dyn PortConnection>, String> {
+        let conn = self
+            .0
+            .forward_tcp(sandbox_id, port)
+            .map_err(|e| e.message().to_owned())?;
+        tracing::debug!(pod = sandbox_id, port, "port forward");
+        Ok(Box::new(conn))
     }
 }
 
@@ -87,21 +102,45 @@ impl SessionHandler {
     ) -> Result<i32, String> {
         let Exec {
             record,
-            mut agent,
+            agent,
             exec_id,
             attachment,
         } = self
             .0
-            .start_exec(&request.container_id, cmd, request.tty)
+            .start_exec(&request.target_id, cmd, request.tty)
             .map_err(|e| e.message().to_owned())?;
         tracing::info!(container = %record.id, exec_id, tty = request.tty, "exec session");
         let (input, output) = attachment.split();
         let input = Arc::new(Mutex::new(input));
         forward_input(streams.stdin.take(), streams.resize.take(), &input);
+        // The process must not outlive its session: a client that goes away while the process
+        // is quiet is noticed by the watch, one that goes away while it writes by the copy
+        // failing.
+        let killer = Arc::new(Killer {
+            agent: Mutex::new(Some(agent)),
+            container: record.id.clone(),
+            exec_id,
+        });
+        let done = Arc::new(AtomicBool::new(false));
+        {
+            let (killer, done, hangup) = (
+                Arc::clone(&killer),
+                Arc::clone(&done),
+                streams.hangup.clone(),
+            );
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(HANGUP_CHECK);
+                    if hangup.happened() && !done.load(Ordering::SeqCst) {
+                        killer.kill();
+                    }
+                }
+            });
+        }
         let result = copy_output(output, &streams);
+        done.store(true, Ordering::SeqCst);
         if result.is_err() {
-            // The client went away: the process must not outlive its session.
-            let _ = agent.signal_process(&record.id, &exec_id, libc::SIGKILL);
+            killer.kill();
         }
         result
     }
@@ -109,7 +148,7 @@ impl SessionHandler {
     fn attach(&self, request: &Request, mut streams: Streams) -> Result<i32, String> {
         let record = self
             .0
-            .running_container(&request.container_id)
+            .running_container(&request.target_id)
             .map_err(|e| e.message().to_owned())?;
         let point = self
             .0
@@ -169,6 +208,22 @@ impl SessionHandler {
             if copy_event(event, &streams)?.is_some() {
                 return Ok(0);
             }
+        }
+    }
+}
+
+/// Kills an exec'd process once, through the agent connection that started it.
+struct Killer {
+    agent: Mutex<Option<AgentClient>>,
+    container: String,
+    exec_id: String,
+}
+
+impl Killer {
+    fn kill(&self) {
+        if let Some(mut agent) = lock(&self.agent).take() {
+            tracing::info!(container = %self.container, exec_id = %self.exec_id, "the exec session's client went away: killing its process");
+            let _ = agent.signal_process(&self.container, &self.exec_id, libc::SIGKILL);
         }
     }
 }

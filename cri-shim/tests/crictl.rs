@@ -3,11 +3,13 @@
 //! bundled busybox known as `busybox`; malformed requests, idempotent removal, unimplemented
 //! calls and the socket's life, through a gRPC client. In VMs (the test host): pods and
 //! containers end to end (runp, create, start, exec -s, logs, inspect, ps, pods, stop, rm,
-//! stopp, rmp, nothing left behind), exit codes and reasons, a restarted crx-cri and a dead VMM,
-//! stats of containers and pod VMs (stats, statsp, runtime-config, update-runtime-config).
+//! stopp, rmp, nothing left behind), exec and attach sessions, port-forward to a server in the
+//! pod, volumes (host directories and files, read-only or not), exit codes and reasons, a restarted crx-cri and a dead VMM, stats of containers and pod
+//! VMs (stats, statsp, runtime-config, update-runtime-config).
 
 mod support;
 
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 
@@ -396,6 +398,17 @@ async fn malformed_and_unimplemented_requests() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    for (port, code) in [
+        (8080, tonic::Code::NotFound),
+        (70000, tonic::Code::InvalidArgument),
+    ] {
+        let request = cri::PortForwardRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+            port: vec![port],
+        };
+        let err = runtime.port_forward(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err}");
+    }
     // Still serving.
     let version = runtime
         .version(cri::VersionRequest::default())
@@ -552,6 +565,26 @@ impl PodBench {
     }
 
     /// Polls `crictl inspect` of `id` until its state is `state`.
+    /// Creates container `config` (written as `<name>.json`) in `pod` and starts it; its ID
+    /// once it runs.
+    fn start_container(
+        &self,
+        pod: &str,
+        pod_config: &str,
+        name: &str,
+        config: serde_json::Value,
+    ) -> String {
+        let config = self.json(&format!("{name}.json"), config);
+        let id = self
+            .cri
+            .crictl_ok(&["create", "--no-pull", pod, &config, pod_config])
+            .trim()
+            .to_owned();
+        self.cri.crictl_ok(&["start", &id]);
+        self.wait_state(&id, "CONTAINER_RUNNING");
+        id
+    }
+
     fn wait_state(&self, id: &str, state: &str) -> serde_json::Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
@@ -766,9 +799,38 @@ fn streaming_exec_and_attach_work(b: &PodBench, pod: &str, pod_config: &str, mai
         c.log()
     );
 
+    // A client that goes away while its process is quiet: the process goes too.
+    let mut quiet = c
+        .crictl_command(&["exec", main, "sleep", "7777"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run crictl exec");
+    let sleeping = || {
+        c.crictl_ok(&["exec", "-s", main, "ps"])
+            .contains("sleep 7777")
+    };
+    let until = |want: bool| {
+        (0..60).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            sleeping() == want
+        })
+    };
+    assert!(until(true), "the exec'd sleep never ran");
+    quiet.kill().unwrap();
+    quiet.wait().unwrap();
+    assert!(
+        until(false),
+        "the exec'd process outlived its session\ncrx-cri log:\n{}",
+        c.log()
+    );
+
     // Attach: the container's own process, reading its stdin until the first client's EOF.
-    let config = b.json(
-        "container-reader.json",
+    let reader = b.start_container(
+        pod,
+        pod_config,
+        "container-reader",
         serde_json::json!({
             "metadata": {"name": "reader"},
             "image": {"image": "busybox"},
@@ -779,12 +841,6 @@ fn streaming_exec_and_attach_work(b: &PodBench, pod: &str, pod_config: &str, mai
             "linux": {}
         }),
     );
-    let reader = c
-        .crictl_ok(&["create", "--no-pull", pod, &config, pod_config])
-        .trim()
-        .to_owned();
-    c.crictl_ok(&["start", &reader]);
-    b.wait_state(&reader, "CONTAINER_RUNNING");
     let out = c.crictl_with_input(&["attach", "-i", &reader], b"ping\n");
     assert!(out.status.success(), "{out:?}\ncrx-cri log:\n{}", c.log());
     // The client's EOF closed the container's stdin (stdin_once): cat ended.
@@ -799,6 +855,179 @@ fn streaming_exec_and_attach_work(b: &PodBench, pod: &str, pod_config: &str, mai
     // A stream URL for a container that is not running is refused up front.
     let gone = c.crictl(&["exec", &reader, "true"]);
     assert!(!gone.status.success(), "{gone:?}");
+
+    port_forward_reaches_a_server_in_the_pod(b, pod, pod_config);
+    volumes_carry_host_files_both_ways(b, pod, pod_config);
+}
+
+/// CRI mounts: a writable host directory (reached through a symbolic link), a read-only host
+/// file, and a host path that does not exist yet (made a directory, as containerd does).
+fn volumes_carry_host_files_both_ways(b: &PodBench, pod: &str, pod_config: &str) {
+    let c = &b.cri;
+    let data = b.path("volume-data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("from-host"), "host wrote this\n").unwrap();
+    let link = b.path("volume-link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let setting = b.path("volume-setting");
+    std::fs::write(&setting, "setting=1\n").unwrap();
+    let fresh = b.path("volume-fresh");
+    let _ = std::fs::remove_dir_all(&fresh);
+    let id = b.start_container(
+        pod,
+        pod_config,
+        "container-volumes",
+        serde_json::json!({
+            "metadata": {"name": "volumes"},
+            "image": {"image": "busybox"},
+            "command": ["sh", "-c", "cat /data/from-host /etc/setting; echo guest wrote this > /data/from-guest; mkdir /fresh/made; sleep 1000"],
+            "mounts": [
+                {"container_path": "/data", "host_path": link},
+                {"container_path": "/etc/setting", "host_path": setting, "readonly": true},
+                {"container_path": "/fresh", "host_path": fresh}
+            ],
+            "log_path": "volumes/0.log",
+            "linux": {}
+        }),
+    );
+    let status = c.crictl_json(&["inspect", &id]);
+    let mounts = status["status"]["mounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(mounts.len(), 3, "{status}");
+    assert_eq!(mounts[1]["containerPath"], "/etc/setting", "{status}");
+    assert_eq!(mounts[1]["readonly"], true, "{status}");
+    // What the container wrote is on the host, in the directory the link points at.
+    let wrote = (0..100).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::read_to_string(data.join("from-guest")).ok()
+    });
+    assert_eq!(wrote.as_deref(), Some("guest wrote this\n"), "{}", c.log());
+    assert!(fresh.join("made").is_dir(), "{}", c.log());
+    // The host's files reached the container.
+    let logs = c.crictl_ok(&["logs", &id]);
+    assert_eq!(logs, "host wrote this\nsetting=1\n");
+    // A host change shows in the container; the read-only file stays so.
+    std::fs::write(data.join("later"), "later\n").unwrap();
+    assert_eq!(
+        c.crictl_ok(&["exec", "-s", &id, "cat", "/data/later"])
+            .trim(),
+        "later"
+    );
+    let write = c.crictl(&["exec", "-s", &id, "sh", "-c", "echo x > /etc/setting"]);
+    assert!(!write.status.success(), "{write:?}");
+    assert_eq!(std::fs::read_to_string(&setting).unwrap(), "setting=1\n");
+    // The container's volumes go with it; the host's files stay.
+    c.crictl_ok(&["rm", "-f", &id]);
+    assert_eq!(
+        std::fs::read_to_string(data.join("from-host")).unwrap(),
+        "host wrote this\n"
+    );
+    // A mount that would reach back into the host is refused.
+    let config = b.json(
+        "container-bidirectional.json",
+        serde_json::json!({
+            "metadata": {"name": "bidirectional"},
+            "image": {"image": "busybox"},
+            "command": ["true"],
+            "mounts": [{"container_path": "/data", "host_path": data, "propagation": 2}],
+            "linux": {}
+        }),
+    );
+    let refused = c.crictl(&["create", "--no-pull", pod, &config, pod_config]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("bidirectional"),
+        "{refused:?}"
+    );
+}
+
+/// `crictl port-forward` to busybox httpd in a container of the pod: two requests over two
+/// forwarded connections, and a port where nothing listens.
+fn port_forward_reaches_a_server_in_the_pod(b: &PodBench, pod: &str, pod_config: &str) {
+    let c = &b.cri;
+    let web = b.start_container(
+        pod,
+        pod_config,
+        "container-web",
+        serde_json::json!({
+            "metadata": {"name": "web"},
+            "image": {"image": "busybox"},
+            "command": ["sh", "-c", "mkdir -p /tmp/www && echo served-by-the-pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"],
+            "log_path": "web/0.log",
+            "linux": {}
+        }),
+    );
+    // httpd listens once it runs; wait for it from inside the pod.
+    let listening = c.crictl(&[
+        "exec",
+        "-s",
+        &web,
+        "sh",
+        "-c",
+        "for i in $(seq 100); do netstat -ltn | grep -q :8080 && exit 0; sleep 0.1; done; exit 1",
+    ]);
+    assert!(
+        listening.status.success(),
+        "httpd never listened: {listening:?}"
+    );
+
+    let mut forward = c
+        .crictl_command(&["port-forward", pod, "0:8080", "0:8081"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run crictl port-forward");
+    // "Forwarding from 127.0.0.1:LOCAL -> REMOTE", once per port.
+    let mut lines = std::io::BufReader::new(forward.stdout.take().unwrap()).lines();
+    let mut local = std::collections::HashMap::new();
+    while local.len() < 2 {
+        let line = lines
+            .next()
+            .expect("crictl port-forward ended early")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+            let (from, to) = rest.split_once(" -> ").unwrap();
+            local.insert(to.trim().to_owned(), from.parse::<u16>().unwrap());
+        }
+    }
+    let get = |port: u16| -> String {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        let _ = conn.read_to_string(&mut response);
+        response
+    };
+    for _ in 0..2 {
+        let response = get(local["8080"]);
+        assert!(
+            response.starts_with("HTTP/1.") && response.ends_with("served-by-the-pod\n"),
+            "through the forward: {response:?}\ncrx-cri log:\n{}",
+            c.log()
+        );
+    }
+    // Nothing listens on 8081 in the pod: the connection ends with nothing, and crictl is told.
+    assert_eq!(get(local["8081"]), "");
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let mut stderr = String::new();
+    forward
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    // (client-go then drops the whole session, as kubectl does with any runtime.)
+    assert!(
+        stderr.contains("8081") && stderr.to_lowercase().contains("connection refused"),
+        "crictl's stderr: {stderr}"
+    );
+    c.crictl_ok(&["rm", "-f", &web]);
 }
 
 #[test]

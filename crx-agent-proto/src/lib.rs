@@ -20,6 +20,11 @@
 //!   Output written before the host attaches is not lost: the agent does not read a process's
 //!   pipes (or pty) until it is attached, so early output waits in the kernel's pipe buffer
 //!   (64 KiB; a process that writes more blocks until the host attaches).
+//! - [`FORWARD_PORT`] (1026): one connection per forwarded TCP connection (CRI PortForward).
+//!   The host's first frame is a [`ForwardRequest`] naming a TCP port; the agent dials it on the
+//!   VM's loopback (127.0.0.1, then ::1), where the pod's containers listen, and answers a
+//!   [`ForwardReply`] (no error: connected). From then on the connection carries the TCP
+//!   stream's raw bytes both ways, unframed; a half-close on either side is passed on as one.
 //!
 //! # Framing
 //! Every message in either direction is one frame: a 4-byte big-endian length, then that many
@@ -48,7 +53,9 @@
 //! message Interface { string name = 1; string mac = 2; repeated string addresses = 3 /* CIDR */; uint32 mtu = 4; }
 //! message Route { string destination = 1 /* CIDR or "default" */; string gateway = 2; string device = 3; }
 //! message ConfigureReply { repeated string skipped = 1; }
-//! message CreateContainer { string container_id = 1; Rootfs rootfs = 2; bytes oci_spec_json = 3; bool terminal = 4; }
+//! message CreateContainer { string container_id = 1; Rootfs rootfs = 2; bytes oci_spec_json = 3; bool terminal = 4;
+//!   repeated Volume volumes = 5; }
+//! message Volume { string fs_tag = 1; string path = 2; string destination = 3; bool read_only = 4; }
 //! message Rootfs { string fs_tag = 1; string path = 2; }
 //! message ContainerRef { string container_id = 1; }
 //! message ProcessRef { string container_id = 1; string exec_id = 2; }
@@ -70,6 +77,8 @@
 //! message Resize { uint32 rows = 1; uint32 cols = 2; }
 //! message StdioOutput { oneof kind { Empty attached = 1; bytes stdout = 2; bytes stderr = 3; Empty stdout_eof = 4;
 //!   Empty stderr_eof = 5; ExitStatus exit = 6; Error error = 7; } }
+//! message ForwardRequest { uint32 port = 1; }
+//! message ForwardReply { Error error = 1; /* absent: connected */ }
 //! ```
 
 mod frame;
@@ -84,6 +93,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const REQUEST_PORT: u32 = 1024;
 /// vsock port of the stdio channel.
 pub const STDIO_PORT: u32 = 1025;
+/// vsock port of the TCP forwarding channel.
+pub const FORWARD_PORT: u32 = 1026;
 /// The largest frame body either side accepts (4 MiB).
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 /// How much stdout/stderr/stdin data one frame carries at most.

@@ -134,6 +134,24 @@ pub struct CreateContainer {
     /// Give the main process a terminal (also when the spec's `process.terminal` is true).
     #[prost(bool, tag = "4")]
     pub terminal: bool,
+    /// Paths of virtio-fs shares bound into the container, after the spec's own mounts.
+    #[prost(message, repeated, tag = "5")]
+    pub volumes: Vec<Volume>,
+}
+
+/// A file or directory of a virtio-fs share, bound at `destination` in a container.
+#[derive(Clone, PartialEq, Message)]
+pub struct Volume {
+    #[prost(string, tag = "1")]
+    pub fs_tag: String,
+    /// Relative to the share's root.
+    #[prost(string, tag = "2")]
+    pub path: String,
+    /// Absolute, in the container.
+    #[prost(string, tag = "3")]
+    pub destination: String,
+    #[prost(bool, tag = "4")]
+    pub read_only: bool,
 }
 
 /// New cgroup limits for a running container (what can change while it runs: memory, CPU
@@ -428,6 +446,20 @@ pub mod stdio_output {
         #[prost(message, tag = "7")]
         Error(Error),
     }
+}
+
+/// Host → agent, first on a forwarding connection: the guest TCP port to dial.
+#[derive(Clone, PartialEq, Message)]
+pub struct ForwardRequest {
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+}
+
+/// Agent → host, the answer to [`ForwardRequest`]; raw bytes follow it when `error` is absent.
+#[derive(Clone, PartialEq, Message)]
+pub struct ForwardReply {
+    #[prost(message, optional, tag = "1")]
+    pub error: Option<Error>,
 }
 
 impl StdioOutput {

@@ -1,6 +1,7 @@
 //! The host side of the guest agent protocol (`crx-agent-proto`): [`AgentClient`] sends typed
 //! requests over a hybrid-vsock connection to port 1024 and blocks for each reply;
-//! [`StdioAttachment`] is one process's stdio over port 1025. Both connect through the VMM's
+//! [`StdioAttachment`] is one process's stdio over port 1025; [`forward_tcp`] one TCP connection
+//! to a port in the VM over port 1026. All connect through the VMM's
 //! vsock Unix socket (`CONNECT <port>\n` → `OK <hostport>\n`), retrying until a deadline while
 //! the guest boots (the device closes the stream while nothing listens on the port).
 
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 use crx_agent_proto::{
     read_frame, request::Kind, response, stdio_input, stdio_output, write_frame, ConfigureReply,
     ConfigureSandbox, ContainerInfo, ContainerRef, CreateContainer, Empty, ErrorCode, ExecProcess,
-    ExitStatus, FrameError, Hello, HelloReply, ProcessRef, Request, ResizeTerminal, Response,
-    Rootfs, SignalProcess, StatsReply, StatsRequest, StdioInput, StdioOutput, UpdateContainer,
-    PROTOCOL_VERSION, REQUEST_PORT, STDIO_CHUNK, STDIO_PORT,
+    ExitStatus, ForwardReply, ForwardRequest, FrameError, Hello, HelloReply, ProcessRef, Request,
+    ResizeTerminal, Response, Rootfs, SignalProcess, StatsReply, StatsRequest, StdioInput,
+    StdioOutput, UpdateContainer, Volume, FORWARD_PORT, PROTOCOL_VERSION, REQUEST_PORT,
+    STDIO_CHUNK, STDIO_PORT,
 };
 use oci_spec::runtime::Spec;
 
@@ -104,6 +106,22 @@ fn try_connect(uds: &Path, port: u32) -> Result<Option<UnixStream>, AgentError> 
         Ok(Some(stream))
     } else {
         Err(AgentError::Handshake(line))
+    }
+}
+
+/// A TCP connection to `port` on the VM's loopback (where its pod's containers listen): once
+/// this returns, the stream carries that connection's bytes both ways, and a half-close
+/// (`shutdown(Write)`) reaches the guest's peer as one.
+pub fn forward_tcp(uds: &Path, port: u16, deadline: Instant) -> Result<UnixStream, AgentError> {
+    let mut conn = connect_vsock(uds, FORWARD_PORT, deadline)?;
+    write_frame(&mut conn, &ForwardRequest { port: port.into() })?;
+    let reply: ForwardReply = read_frame(&mut conn)?.ok_or(AgentError::Closed)?;
+    match reply.error {
+        None => Ok(conn),
+        Some(e) => Err(AgentError::Remote {
+            code: e.code(),
+            message: e.message,
+        }),
     }
 }
 
@@ -244,12 +262,14 @@ impl AgentClient {
         rootfs: Rootfs,
         spec: &Spec,
         terminal: bool,
+        volumes: Vec<Volume>,
     ) -> Result<(), AgentError> {
         self.call_empty(Kind::CreateContainer(CreateContainer {
             container_id: id.into(),
             rootfs: Some(rootfs),
             oci_spec_json: serde_json::to_vec(spec)?,
             terminal,
+            volumes,
         }))
     }
 

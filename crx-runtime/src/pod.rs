@@ -20,7 +20,7 @@ use oci_spec::runtime::Spec;
 use crate::agent::{AgentClient, AgentError};
 use crate::network::NetworkConfig;
 use crate::sandbox::{GuestSettings, Sandbox, SandboxConfig, SandboxError, Share};
-use crate::share::{self, ShareError, CONTAINERS_TAG};
+use crate::share::{self, ShareError, Volume, CONTAINERS_TAG};
 use crate::spec::{container_spec, ProcessOverrides, SpecError};
 
 /// The virtio-fs tag of the image root filesystem in a pod VM.
@@ -163,6 +163,7 @@ pub fn create_pod(
                 },
                 &spec,
                 request.process.terminal,
+                Vec::new(),
             )
             .map_err(agent_error)?;
         Ok(agent)
@@ -214,8 +215,10 @@ fn image_spec(
 }
 
 /// Adds container `id` of `image` to a running sandbox that has the container share: leases
-/// the image as `lease`, mounts its root into the share and has the agent create the
-/// container (not started). On failure nothing of it is left.
+/// the image as `lease`, mounts its root and `volumes` into the share and has the agent create
+/// the container (not started) with the volumes bound at their container paths. On failure
+/// nothing of it is left.
+#[allow(clippy::too_many_arguments)]
 pub fn add_container(
     sandbox: &Sandbox,
     agent: &mut AgentClient,
@@ -224,6 +227,7 @@ pub fn add_container(
     id: &str,
     lease: &str,
     process: &ProcessOverrides,
+    volumes: &[Volume],
 ) -> Result<(), PodError> {
     crate::sandbox::check_id(id)?;
     let share = sandbox
@@ -233,15 +237,25 @@ pub fn add_container(
         .ok_or_else(|| PodError::NoShare(sandbox.id().to_owned()))?;
     let (rootfs, spec) = image_spec(store, image, process)?;
     store.lease(&image.name, lease)?;
-    let made = share::attach(&share, id, &rootfs)
+    let made = share::attach(&share, id, &rootfs, volumes)
         .map_err(PodError::from)
         .and_then(|()| {
             let rootfs = Rootfs {
                 fs_tag: CONTAINERS_TAG.into(),
-                path: id.into(),
+                path: share::rootfs_path(id),
             };
+            let volumes = volumes
+                .iter()
+                .enumerate()
+                .map(|(index, volume)| crx_agent_proto::Volume {
+                    fs_tag: CONTAINERS_TAG.into(),
+                    path: share::volume_path(id, index),
+                    destination: volume.container_path.clone(),
+                    read_only: volume.read_only,
+                })
+                .collect();
             agent
-                .create_container(id, rootfs, &spec, process.terminal)
+                .create_container(id, rootfs, &spec, process.terminal, volumes)
                 .map_err(|source| PodError::Agent {
                     id: sandbox.id().to_owned(),
                     source,
@@ -252,7 +266,7 @@ pub fn add_container(
         let _ = store.release(lease);
         return Err(e);
     }
-    tracing::info!(pod = %sandbox.id(), id, image = %image.name, "container created");
+    tracing::info!(pod = %sandbox.id(), id, image = %image.name, volumes = volumes.len(), "container created");
     Ok(())
 }
 

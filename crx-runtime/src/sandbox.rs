@@ -126,7 +126,7 @@ pub struct SandboxConfig {
     /// A pod network (CNI) for the VM's one network interface; `None`: no network device.
     pub network: Option<NetworkConfig>,
     /// Whether the VM gets the container share ([`crate::share`], tag
-    /// [`CONTAINERS_TAG`]), into which containers' roots are mounted while it runs.
+    /// [`CONTAINERS_TAG`]), into which containers' roots and volumes are mounted while it runs.
     pub container_share: bool,
     /// Restore the VM from a pod template when one fits (made on first use, see
     /// [`crate::template`]); false boots it cold.
@@ -735,9 +735,10 @@ pub(crate) fn vmm_command(
         cmd.arg("--fs")
             .arg(format!("{}={}{ro}", share.tag, share.dir.display()));
     }
+    // Writable for virtiofsd: the share's own mounts say what the guest may write.
     if let Some(share) = container_share {
         cmd.arg("--fs")
-            .arg(format!("{CONTAINERS_TAG}={},ro", share.display()));
+            .arg(format!("{CONTAINERS_TAG}={}", share.display()));
     }
     cmd
 }

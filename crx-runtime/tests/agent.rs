@@ -285,7 +285,7 @@ fn with_limits(mut spec: Spec, memory: Option<i64>, pids: Option<i64>) -> Spec {
 fn run(pod: &Pod, client: &mut AgentClient, id: &str, spec: &Spec, tty: bool) -> StdioAttachment {
     progress(pod.test, &format!("create {id}"));
     client
-        .create_container(id, rootfs(), spec, tty)
+        .create_container(id, rootfs(), spec, tty, Vec::new())
         .unwrap_or_else(|e| panic!("create {id}: {e}"));
     progress(pod.test, &format!("attach {id}"));
     let stdio = pod.attach(id, "");
@@ -635,10 +635,11 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
             rootfs: Some(rootfs()),
             oci_spec_json: b"{not json".to_vec(),
             terminal: false,
+            volumes: Vec::new(),
         });
     assert_eq!(remote_code(client.call(bad_json)), ErrorCode::BadRequest);
     assert_eq!(
-        remote_code(client.create_container("../x", rootfs(), &spec("true"), false)),
+        remote_code(client.create_container("../x", rootfs(), &spec("true"), false, Vec::new())),
         ErrorCode::BadRequest
     );
     let escape = Rootfs {
@@ -646,7 +647,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         path: "../../etc".into(),
     };
     assert_eq!(
-        remote_code(client.create_container("esc", escape, &spec("true"), false)),
+        remote_code(client.create_container("esc", escape, &spec("true"), false, Vec::new())),
         ErrorCode::BadRequest
     );
     let missing = Rootfs {
@@ -654,9 +655,26 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         path: "nonexistent".into(),
     };
     assert_eq!(
-        remote_code(client.create_container("miss", missing, &spec("true"), false)),
+        remote_code(client.create_container("miss", missing, &spec("true"), false, Vec::new())),
         ErrorCode::NotFound
     );
+    // Volumes: a path out of the share, a destination out of the root, a path not there.
+    let volume = |path: &str, destination: &str| crx_agent_proto::Volume {
+        fs_tag: TAG.into(),
+        path: path.into(),
+        destination: destination.into(),
+        read_only: true,
+    };
+    for (volumes, code) in [
+        (vec![volume("../../etc", "/etc2")], ErrorCode::BadRequest),
+        (vec![volume("bin", "/../../x")], ErrorCode::BadRequest),
+        (vec![volume("nonexistent", "/x")], ErrorCode::NotFound),
+    ] {
+        assert_eq!(
+            remote_code(client.create_container("vol", rootfs(), &spec("true"), false, volumes)),
+            code
+        );
+    }
     let mut no_such_program = spec("true");
     no_such_program
         .process_mut()
@@ -664,7 +682,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         .unwrap()
         .set_args(Some(vec!["/no/such".into()]));
     client
-        .create_container("noexec", rootfs(), &no_such_program, false)
+        .create_container("noexec", rootfs(), &no_such_program, false, Vec::new())
         .unwrap();
     assert_eq!(
         remote_code(client.start_container("noexec")),
@@ -687,7 +705,7 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
     // A fork bomb is held at pids.max; the agent keeps answering and removes it.
     let bomb = with_limits(spec("b() { b | b & }; b; sleep 600"), None, Some(64));
     client
-        .create_container("bomb", rootfs(), &bomb, false)
+        .create_container("bomb", rootfs(), &bomb, false, Vec::new())
         .unwrap();
     client.start_container("bomb").unwrap();
     std::thread::sleep(Duration::from_secs(5));

@@ -303,7 +303,7 @@ fn start_echo_server(
         path: String::new(),
     };
     agent
-        .create_container(id, rootfs_ref, &spec, false)
+        .create_container(id, rootfs_ref, &spec, false, Vec::new())
         .unwrap();
     agent.start_container(id).unwrap();
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::spdy::{Frame, FrameReader, FrameWriter, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM};
-use crate::{Handler, Request, StreamingError};
+use crate::{lock, Handler, Request, SharedWriter, StreamingError};
 
 /// The protocol this server speaks, named in `X-Stream-Protocol-Version`.
 pub const PROTOCOL_V4: &str = "v4.channel.k8s.io";
@@ -26,8 +26,6 @@ const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Resize messages buffered before the first complete one (they are a few dozen bytes).
 const MAX_RESIZE_BUFFER: usize = 4096;
-
-type Writer = Arc<Mutex<FrameWriter<TcpStream>>>;
 
 /// A terminal size message from the resize stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -83,7 +81,7 @@ impl Stdin {
 /// stdout or stderr toward the client.
 #[derive(Clone)]
 pub struct OutputStream {
-    writer: Writer,
+    writer: SharedWriter,
     stream_id: u32,
     closed: Arc<AtomicBool>,
 }
@@ -103,10 +101,6 @@ impl OutputStream {
         }
         lock(&self.writer).data(self.stream_id, &[], true)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A stream the client opened, as the frame reader reports it to the session.
@@ -129,7 +123,7 @@ pub fn serve(
     request: Request,
     handler: &dyn Handler,
 ) -> Result<(), StreamingError> {
-    let writer: Writer = Arc::new(Mutex::new(FrameWriter::new(conn.try_clone()?)));
+    let writer: SharedWriter = Arc::new(Mutex::new(FrameWriter::new(conn.try_clone()?)));
     let (opened_tx, opened_rx) = mpsc::channel();
     let hangup = Hangup::default();
     let reader = {
@@ -164,7 +158,7 @@ pub fn serve(
         lock(&writer).data(error_stream, status.as_bytes(), true)?;
     }
     if let Err(e) = &outcome {
-        tracing::info!(container = %request.container_id, "{} failed: {e}", request.kind.name());
+        tracing::info!(container = %request.target_id, "{} failed: {e}", request.kind.name());
     }
     // The client closes the connection once it has read the status; then the reader ends.
     let deadline = Instant::now() + CLOSE_GRACE;
@@ -180,7 +174,7 @@ pub fn serve(
 /// returns why and the error stream, if it was opened, to report it on.
 fn streams_for(
     request: &Request,
-    writer: &Writer,
+    writer: &SharedWriter,
     opened: &Receiver<Opened>,
     hangup: Hangup,
 ) -> Result<(Streams, u32), (String, Option<u32>)> {
@@ -238,7 +232,7 @@ fn streams_for(
 
 /// The reader thread: answers stream openings and pings, routes stdin and resize data, and
 /// ends at the connection's end (which closes stdin and the resize channel).
-fn read_frames(conn: TcpStream, writer: &Writer, opened: &Sender<Opened>) {
+fn read_frames(conn: TcpStream, writer: &SharedWriter, opened: &Sender<Opened>) {
     let mut frames = FrameReader::new(conn);
     let mut routes: HashMap<u32, Route> = HashMap::new();
     loop {

@@ -1,6 +1,7 @@
 //! The listener: issues one-time URLs (`http://ADDR/exec/TOKEN`, valid for a minute, as
 //! kubelet's are), and serves each connection: the HTTP upgrade to SPDY/3.1 with the
-//! `v4.channel.k8s.io` protocol, then the session on its own thread.
+//! `v4.channel.k8s.io` protocol (exec, attach) or `portforward.k8s.io`, then the session on its
+//! own thread.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,8 +9,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::portforward::{self, PROTOCOL_PORT_FORWARD};
 use crate::remotecommand::{self, PROTOCOL_V4};
-use crate::{Handler, Request, StreamingError};
+use crate::{Handler, Request, RequestKind, StreamingError};
 
 /// How long a URL stays valid.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -129,26 +131,37 @@ impl StreamingServer {
                 "this server upgrades to SPDY/3.1 only",
             );
         }
+        let protocol = match request.kind {
+            RequestKind::PortForward { .. } => PROTOCOL_PORT_FORWARD,
+            RequestKind::Exec { .. } | RequestKind::Attach => PROTOCOL_V4,
+        };
         if !header("x-stream-protocol-version")
             .iter()
-            .any(|p| p == PROTOCOL_V4)
+            .any(|p| p == protocol)
         {
             return respond(
                 &mut conn,
                 "403 Forbidden",
-                "this server speaks the v4.channel.k8s.io protocol only",
+                &format!("this URL speaks the {protocol} protocol only"),
             );
         }
         conn.write_all(
             format!(
-                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {PROTOCOL_V4}\r\n\r\n"
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n"
             )
             .as_bytes(),
         )?;
         conn.set_read_timeout(None)?;
         conn.set_nodelay(true)?;
-        tracing::debug!(container = %request.container_id, "{} session", request.kind.name());
-        remotecommand::serve(conn, request, self.handler.as_ref())
+        tracing::debug!(target = %request.target_id, "{} session", request.kind.name());
+        match &request.kind {
+            RequestKind::PortForward { ports } => {
+                portforward::serve(conn, &request.target_id, ports, &self.handler)
+            }
+            RequestKind::Exec { .. } | RequestKind::Attach => {
+                remotecommand::serve(conn, request, self.handler.as_ref())
+            }
+        }
     }
 }
 

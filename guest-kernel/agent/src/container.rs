@@ -11,12 +11,13 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crx_agent_proto::{
     self as proto, ContainerInfo, ContainerState, ContainerStats, ErrorCode, ExitKind, ExitStatus,
+    Volume,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxResources, PosixRlimitType, Spec};
+use oci_spec::runtime::{LinuxResources, MountBuilder, PosixRlimitType, Spec};
 
 use crate::cgroup::Cgroup;
 use crate::reaper::{Exit, Reaper};
@@ -153,7 +154,7 @@ impl Agent {
 
     pub fn create(&self, req: proto::CreateContainer) -> Result<()> {
         check_name("container id", &req.container_id)?;
-        let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
+        let mut spec: Spec = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| fail(ErrorCode::BadRequest, format!("bad OCI spec: {e}")))?;
         let process = spec
             .process()
@@ -177,6 +178,7 @@ impl Agent {
                 ),
             ));
         }
+        self.add_volumes(&mut spec, &req.volumes)?;
         if lock(&self.containers).contains_key(&req.container_id) {
             return Err(fail(ErrorCode::AlreadyExists, "container exists"));
         }
@@ -234,7 +236,42 @@ impl Agent {
         Ok(())
     }
 
-    /// Mounts virtio-fs `tag` read-only under [`FS_DIR`] once; returns its directory.
+    /// Appends `volumes` to the spec's mounts: bind mounts (recursive, read-only if asked)
+    /// of paths in virtio-fs shares, which must exist.
+    fn add_volumes(&self, spec: &mut Spec, volumes: &[Volume]) -> Result<()> {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for volume in volumes {
+            check_name("virtio-fs tag", &volume.fs_tag)?;
+            relative_path(&volume.destination)?;
+            let source = self
+                .share(&volume.fs_tag)?
+                .join(relative_path(&volume.path)?);
+            if source.symlink_metadata().is_err() {
+                return Err(fail(
+                    ErrorCode::NotFound,
+                    format!("volume {:?} is not on {}", volume.path, volume.fs_tag),
+                ));
+            }
+            let mut options = vec!["rbind".to_owned()];
+            if volume.read_only {
+                options.push("ro".to_owned());
+            }
+            let mount = MountBuilder::default()
+                .destination(&volume.destination)
+                .typ("bind")
+                .source(source)
+                .options(options)
+                .build()
+                .map_err(|e| fail(ErrorCode::BadRequest, format!("volume: {e}")))?;
+            mounts.push(mount);
+        }
+        spec.set_mounts(Some(mounts));
+        Ok(())
+    }
+
+    /// Mounts virtio-fs `tag` under [`FS_DIR`] once; returns its directory. It is mounted
+    /// writable: what the guest may write is the host's decision (virtiofsd's `--readonly`, or
+    /// the read-only host mounts in the container share).
     fn share(&self, tag: &str) -> Result<PathBuf> {
         let dir = Path::new(FS_DIR).join(tag);
         let mut shares = lock(&self.shares);
@@ -244,7 +281,7 @@ impl Agent {
                 Some(tag),
                 &dir,
                 Some("virtiofs"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+                MsFlags::MS_NODEV,
                 None::<&str>,
             )
             .map_err(|e| io_fail(&format!("mounting virtio-fs {tag}"))(e.into()))?;

@@ -2,8 +2,8 @@
 //! default `/init`, crx-init, is unchanged). It signals the boot timer first, mounts the basics
 //! (devtmpfs, proc, sysfs, cgroup2 with the cpu/memory/pids controllers for
 //! `/sys/fs/cgroup/crx`, tmpfs on /run and /tmp, devpts, /dev/shm), then listens on vsock ports
-//! 1024 (requests) and 1025 (stdio) — see `crx-agent-proto` — and prints the time from its start
-//! to listening. It never exits: bad requests get error replies, handler panics end only their
+//! 1024 (requests), 1025 (stdio) and 1026 (TCP forwarding) — see `crx-agent-proto` — and prints
+//! the time from its start to listening. It never exits: bad requests get error replies, handler panics end only their
 //! thread, and the reaper thread collects every child. `Shutdown` powers the VM off with exit
 //! status 0.
 //!
@@ -17,6 +17,7 @@
 mod cgroup;
 mod container;
 mod entropy;
+mod forward;
 mod init_signal;
 mod reaper;
 mod sandbox;
@@ -28,7 +29,7 @@ mod vsock;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crx_agent_proto::{Error, ErrorCode, REQUEST_PORT, STDIO_PORT};
+use crx_agent_proto::{Error, ErrorCode, FORWARD_PORT, REQUEST_PORT, STDIO_PORT};
 use crx_init::{hw, setup};
 
 use container::Agent;
@@ -92,9 +93,10 @@ fn main() {
     };
     let requests = listen(REQUEST_PORT);
     let stdio = listen(STDIO_PORT);
+    let forwards = listen(FORWARD_PORT);
     let listen_us = start.elapsed().as_micros() as u64;
     eprintln!(
-        "crx-agent: listening on vsock ports {REQUEST_PORT} and {STDIO_PORT}, {listen_us} us after start{}",
+        "crx-agent: listening on vsock ports {REQUEST_PORT}, {STDIO_PORT} and {FORWARD_PORT}, {listen_us} us after start{}",
         if verbose() { " (verbose)" } else { "" }
     );
 
@@ -103,6 +105,7 @@ fn main() {
     std::thread::spawn(move || reaper.reaper.run());
     let stdio_agent = agent.clone();
     std::thread::spawn(move || stdio.serve("stdio", move |conn| stdio::serve(&stdio_agent, conn)));
+    std::thread::spawn(move || forwards.serve("forward", forward::serve));
     requests.serve("request", move |conn| {
         server::serve(&agent, conn, listen_us)
     });
