@@ -191,7 +191,7 @@ pub fn release_binary(name: &str) -> Result<PathBuf, BenchError> {
         .unwrap_or_else(|| workspace_root().join("target"));
     require(
         target.join("release").join(name),
-        "build it with `cargo build --release -p crx -p crx-vmm`",
+        "build it with `cargo build --release -p crx -p crx-vmm -p crx-cri` (`cargo xtask bench` does)",
     )
 }
 

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [-- ARGS]`: builds what the benches need (release `crx`, the default guest)
-//! and runs `cargo bench` (the boot bench runs itself in the test host where /dev/kvm is PVM).
+//! `cargo xtask bench [-- ARGS]`: builds what the benches need (release `crx`, `crx-vmm` and
+//! `crx-cri`) and runs `cargo bench` (the VM benches run themselves in the test host where
+//! /dev/kvm is PVM).
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -9,7 +10,16 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    crate::cargo(&["build", "--release", "-p", "crx", "-p", "crx-vmm"])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "crx",
+        "-p",
+        "crx-vmm",
+        "-p",
+        "crx-cri",
+    ])?;
     let mut argv = vec!["bench"];
     if args.args.is_empty() {
         argv.push("--workspace");

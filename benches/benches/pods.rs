@@ -1,0 +1,502 @@
+//! Pod start through the CRI, as kubelet drives it: `crictl runp` + `create` + `start` of a
+//! busybox container (start answers once its process runs), against crx-cri (every pod a VM,
+//! restored from its pod template) and containerd + runc (Debian's containerd 1.6 with its CRI
+//! plugin and the runc v2 shim), with the same crictl, the same image pulled by both from the
+//! same local registry, and the same CNI bridge plugin. Rounds are interleaved in alternating
+//! order (`CRX_BENCH_ROUNDS`, default 20); each pod is removed after it is timed. Then 20 pods
+//! are started at once on each runtime, and, while they idle, the memory each costs on the host
+//! is counted as the proportional set size (PSS) of its processes: for CRX the VMM and its
+//! virtiofsd, for containerd the pod's shim and its children (the pause process and the
+//! container's). Where this host's /dev/kvm is PVM, all of it runs inside the test host,
+//! containerd too, so the ratios compare like with like.
+//!
+//! `cargo xtask bench -- -p crx-benches --bench pods` (builds the release `crx-cri` and
+//! `crx-vmm` first).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode};
+use crx_benches::{median_p99, release_binary, workspace_root};
+use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
+use crx_test_support::Registry;
+
+/// Pods started at once in the concurrent part.
+const CONCURRENT: usize = 20;
+/// The longest a runtime may take to answer one crictl call (the test host is slow).
+const CALL_TIMEOUT: &str = "300s";
+
+/// One CRI runtime under test, with the crictl that drives it.
+struct Runtime {
+    name: &'static str,
+    endpoint: String,
+    crictl: PathBuf,
+    scratch: PathBuf,
+    image: String,
+}
+
+impl Runtime {
+    fn crictl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.crictl)
+            .arg("--runtime-endpoint")
+            .arg(&self.endpoint)
+            .arg("--image-endpoint")
+            .arg(&self.endpoint)
+            .args(["--timeout", CALL_TIMEOUT])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("crictl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "{}: crictl {}: {}",
+                self.name,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn json(&self, name: &str, value: serde_json::Value) -> String {
+        let path = self.scratch.join(name);
+        fs::write(&path, value.to_string()).expect("writing a crictl config");
+        path.display().to_string()
+    }
+
+    /// runp + create + start of pod `name`; how long that took, and the pod's ID.
+    fn start_pod(&self, name: &str) -> Result<(Duration, String), String> {
+        let pod_config = self.json(
+            &format!("pod-{name}.json"),
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": "bench", "uid": format!("uid-{name}"), "attempt": 1},
+                "log_directory": self.scratch.join("logs").join(name),
+                "linux": {}
+            }),
+        );
+        let container_config = self.json(
+            &format!("container-{name}.json"),
+            serde_json::json!({
+                "metadata": {"name": "sleeper"},
+                "image": {"image": self.image},
+                "command": ["sleep", "3600"],
+                "log_path": "sleeper.log",
+                "linux": {}
+            }),
+        );
+        let started = Instant::now();
+        let pod = self.crictl(&["runp", &pod_config])?;
+        let container = self.crictl(&["create", &pod, &container_config, &pod_config])?;
+        self.crictl(&["start", &container])?;
+        Ok((started.elapsed(), pod))
+    }
+
+    fn remove_pod(&self, pod: &str) -> Result<(), String> {
+        self.crictl(&["stopp", pod])?;
+        self.crictl(&["rmp", pod]).map(drop)
+    }
+}
+
+/// A child process killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `socket` accepts connections, or the daemon died.
+fn wait_listening(daemon: &mut Daemon, socket: &Path, log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Ok(Some(status)) = daemon.0.try_wait() {
+            panic!(
+                "pods bench: {what} exited ({status}):\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pods bench: {what} did not listen on {}:\n{}",
+            socket.display(),
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Daemon {
+    let out = fs::File::create(log).expect("a daemon log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("a daemon log"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("pods bench: cannot start {what}: {e}"));
+    Daemon(child)
+}
+
+fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+    assert!(
+        found,
+        "pods bench: `{tool}` is not installed (setup/apt-packages.txt lists it)"
+    );
+}
+
+/// containerd with its CRI plugin, everything under `dir`: its root and state, its socket,
+/// its CNI configuration, the pause image and the registry reached over plain HTTP.
+fn start_containerd(dir: &Path, registry: &str) -> (Daemon, String) {
+    require_tool("containerd");
+    require_tool("containerd-shim-runc-v2");
+    require_tool("runc");
+    let net = dir.join("net.d");
+    BridgeNetwork {
+        name: "bench-runc",
+        bridge: "cxbrunc0",
+        prefix: "10.89.41",
+        dns: None,
+    }
+    .write(&net);
+    let socket = dir.join("containerd.sock");
+    let config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{registry}/pause:pause"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{net}"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        socket = socket.display(),
+        cni_bin = CNI_BIN,
+        net = net.display(),
+    );
+    let config_path = dir.join("config.toml");
+    fs::write(&config_path, config).expect("containerd's config");
+    let log = dir.join("containerd.log");
+    let mut daemon = spawn_logged(
+        Command::new("containerd").arg("--config").arg(&config_path),
+        &log,
+        "containerd",
+    );
+    wait_listening(&mut daemon, &socket, &log, "containerd");
+    (daemon, format!("unix://{}", socket.display()))
+}
+
+/// crx-cri (release build), everything under `dir`: its state, image store, socket and CNI
+/// configuration.
+fn start_crx_cri(dir: &Path) -> (Daemon, String) {
+    let net = dir.join("net.d");
+    BridgeNetwork {
+        name: "bench-crx",
+        bridge: "cxbcrx0",
+        prefix: "10.89.42",
+        dns: None,
+    }
+    .write(&net);
+    let vmm = release_binary("crx-vmm").unwrap_or_else(|e| panic!("pods bench: {e}"));
+    let config_path = dir.join("config.toml");
+    fs::write(
+        &config_path,
+        format!(
+            "[runtime]\nvmm = {vmm:?}\nboot_timeout_secs = 300\n[network]\ncni_conf_dir = {net:?}\ncni_bin_dirs = [{CNI_BIN:?}]\n"
+        ),
+    )
+    .expect("crx-cri's config");
+    let socket = dir.join("crx.sock");
+    let log = dir.join("crx-cri.log");
+    let mut daemon = spawn_logged(
+        Command::new(release_binary("crx-cri").unwrap_or_else(|e| panic!("pods bench: {e}")))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--image-root")
+            .arg(dir.join("store")),
+        &log,
+        "crx-cri",
+    );
+    wait_listening(&mut daemon, &socket, &log, "crx-cri");
+    (daemon, format!("unix://{}", socket.display()))
+}
+
+/// The bundled busybox as `busybox:latest` and a pause image (the same layer, sleeping) as
+/// `pause:pause`, pushed to a local registry.
+fn push_images(dir: &Path) -> Registry {
+    let layout = dir.join("busybox");
+    let built = Command::new(workspace_root().join("images/build-busybox.sh"))
+        .arg(&layout)
+        .output()
+        .expect("run images/build-busybox.sh");
+    assert!(
+        built.status.success(),
+        "pods bench: images/build-busybox.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    require_tool("umoci");
+    let pause = Command::new("umoci")
+        .args(["config", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .args([
+            "--tag",
+            "pause",
+            "--config.entrypoint",
+            "/bin/sleep",
+            "--config.cmd",
+            "2147483647",
+        ])
+        .output()
+        .expect("run umoci");
+    assert!(
+        pause.status.success(),
+        "pods bench: umoci config: {}",
+        String::from_utf8_lossy(&pause.stderr)
+    );
+    let registry = Registry::start(&dir.join("registry"), None);
+    registry.push(&layout, "latest", "busybox", None);
+    registry.push(&layout, "pause", "pause", None);
+    registry
+}
+
+/// The PSS of `pids`, summed, in bytes (from `/proc/PID/smaps_rollup`).
+fn pss(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|rollup| {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .sum()
+}
+
+/// Every process: (pid, parent pid, command name).
+fn processes() -> Vec<(u32, u32, String)> {
+    fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid, name.to_owned()))
+        })
+        .collect()
+}
+
+/// The processes pods of `runtime` keep on the host while they idle.
+fn pod_processes(runtime: &str) -> Vec<u32> {
+    let all = processes();
+    match runtime {
+        // The VMMs and the virtiofsd each starts.
+        "crx" => all
+            .iter()
+            .filter(|(_, _, name)| name == "crx-vmm" || name == "virtiofsd")
+            .map(|(pid, _, _)| *pid)
+            .collect(),
+        // Each pod's shim and its children.
+        _ => {
+            let shims: Vec<u32> = all
+                .iter()
+                .filter(|(_, _, name)| name.starts_with("containerd-shim"))
+                .map(|(pid, _, _)| *pid)
+                .collect();
+            all.iter()
+                .filter(|(pid, ppid, _)| shims.contains(pid) || shims.contains(ppid))
+                .map(|(pid, _, _)| *pid)
+                .collect()
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Starts [`CONCURRENT`] pods at once and removes them after; the time until the last was
+/// running, each pod's own time, and the PSS per idle pod.
+fn concurrent_start(runtime: &Runtime) -> (Duration, Vec<Duration>, u64) {
+    let started = Instant::now();
+    let results: Vec<Result<(Duration, String), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CONCURRENT)
+            .map(|i| scope.spawn(move || runtime.start_pod(&format!("{}-burst-{i}", runtime.name))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a pod start thread"))
+            .collect()
+    });
+    let wall = started.elapsed();
+    let (each, pods): (Vec<Duration>, Vec<String>) = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("pods bench: {e}")))
+        .unzip();
+    // Let the pods settle into idleness before counting their memory.
+    std::thread::sleep(Duration::from_secs(5));
+    let per_pod = pss(&pod_processes(runtime.name)) / CONCURRENT as u64;
+    for pod in &pods {
+        runtime
+            .remove_pod(pod)
+            .unwrap_or_else(|e| panic!("pods bench: {e}"));
+    }
+    (wall, each, per_pod)
+}
+
+fn main() {
+    if !crx_benches::run_bench_here() {
+        return;
+    }
+    // Sockets cannot live on the test host's 9p /tmp; containerd's overlay snapshots need a
+    // file system that can be an overlay's upper layer. Short: a sandbox's socket paths must
+    // fit a Unix socket address.
+    let scratch = tempfile::Builder::new()
+        .prefix("c")
+        .tempdir_in("/run")
+        .expect("a scratch dir under /run");
+    let rounds: usize = std::env::var("CRX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let crictl = std::env::var_os("CRX_CRI_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/cri-tools"))
+        .join("bin/crictl");
+    assert!(
+        crictl.is_file(),
+        "pods bench: {} is missing (cri-tools v1.32 in ../shared/cri-tools/bin)",
+        crictl.display()
+    );
+
+    let registry = push_images(scratch.path());
+    let image = format!("{}/busybox:latest", registry.addr());
+    let mut daemons = Vec::new();
+    let mut runtimes = Vec::new();
+    for name in ["crx", "runc"] {
+        let dir = scratch.path().join(name);
+        fs::create_dir_all(dir.join("logs")).expect("a runtime's scratch dir");
+        let (daemon, endpoint) = match name {
+            "crx" => start_crx_cri(&dir),
+            _ => start_containerd(&dir, &registry.addr()),
+        };
+        daemons.push(daemon);
+        let runtime = Runtime {
+            name,
+            endpoint,
+            crictl: crictl.clone(),
+            scratch: dir,
+            image: image.clone(),
+        };
+        runtime
+            .crictl(&["pull", &image])
+            .unwrap_or_else(|e| panic!("pods bench: {e}"));
+        // The first pod of each makes what later ones reuse (crx: the pod template;
+        // containerd: the pause image), as a node's first pod does.
+        let (first, pod) = runtime
+            .start_pod(&format!("{name}-first"))
+            .unwrap_or_else(|e| panic!("pods bench: {e}"));
+        eprintln!("pods bench: {name}: first pod {:.1} ms", ms(first));
+        runtime
+            .remove_pod(&pod)
+            .unwrap_or_else(|e| panic!("pods bench: {e}"));
+        runtimes.push(runtime);
+    }
+
+    let mut samples = vec![Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for turn in 0..2 {
+            let which = (round + turn) % 2;
+            let runtime = &runtimes[which];
+            let (took, pod) = runtime
+                .start_pod(&format!("{}-{round}", runtime.name))
+                .unwrap_or_else(|e| panic!("pods bench: {e}"));
+            runtime
+                .remove_pod(&pod)
+                .unwrap_or_else(|e| panic!("pods bench: {e}"));
+            samples[which].push(took);
+        }
+        eprintln!(
+            "pods bench: round {}/{rounds}: crx {:.1} ms, containerd+runc {:.1} ms",
+            round + 1,
+            ms(samples[0][round]),
+            ms(samples[1][round])
+        );
+    }
+    let bursts: Vec<(Duration, Vec<Duration>, u64)> =
+        runtimes.iter().map(concurrent_start).collect();
+
+    let mut criterion = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
+    let mut group = criterion.benchmark_group("pod_start");
+    group.sampling_mode(SamplingMode::Flat);
+    for (name, runtime_samples) in ["crx", "containerd_runc"].iter().zip(&samples) {
+        let mut next = runtime_samples.iter().cycle();
+        group.bench_function(*name, |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| *next.next().expect("samples")).sum())
+        });
+    }
+    group.finish();
+
+    let (crx_median, crx_p99) = median_p99(&samples[0]);
+    let (runc_median, runc_p99) = median_p99(&samples[1]);
+    let ratio = crx_median.as_secs_f64() / runc_median.as_secs_f64();
+    println!(
+        "\npods bench summary (crictl runp + create + start of busybox `sleep`, {rounds} rounds each)"
+    );
+    println!(
+        "  crx-cri          median {:>9.1} ms  p99 {:>9.1} ms  {ratio:.2}x containerd+runc (target ≤ 2x now: {})",
+        ms(crx_median),
+        ms(crx_p99),
+        if ratio <= 2.0 { "met" } else { "not met" }
+    );
+    println!(
+        "  containerd+runc  median {:>9.1} ms  p99 {:>9.1} ms",
+        ms(runc_median),
+        ms(runc_p99)
+    );
+    for ((runtime, (wall, each, per_pod)), label) in runtimes
+        .iter()
+        .zip(&bursts)
+        .zip(["crx-cri", "containerd+runc"])
+    {
+        let (median, p99) = median_p99(each);
+        println!(
+            "  {CONCURRENT} at once, {label:<15} all running after {:>9.1} ms (each: median {:.1} ms, p99 {:.1} ms); PSS per idle pod {:.1} MiB ({})",
+            ms(*wall),
+            ms(median),
+            ms(p99),
+            *per_pod as f64 / (1 << 20) as f64,
+            match runtime.name {
+                "crx" => "VMM + virtiofsd",
+                _ => "shim + pause + container",
+            }
+        );
+    }
+    let burst_ratio = bursts[0].0.as_secs_f64() / bursts[1].0.as_secs_f64();
+    println!("  {CONCURRENT} at once: {burst_ratio:.2}x containerd+runc");
+    drop(daemons);
+    drop(registry);
+    criterion.final_summary();
+}
