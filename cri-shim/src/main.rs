@@ -7,6 +7,7 @@ mod containers;
 mod cri_log;
 mod deadline;
 mod errors;
+mod host_ports;
 mod image_service;
 mod images;
 mod pods;

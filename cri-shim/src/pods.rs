@@ -22,7 +22,8 @@ use tonic::Status;
 
 use crate::cri_log::ContainerLog;
 use crate::errors::{agent_status, sandbox_status};
-use crate::records::{new_id, now_ns, ContainerState, PodRecord, Records};
+use crate::host_ports::{host_ports_of, PublishedPorts};
+use crate::records::{new_id, now_ns, ContainerState, HostPort, PodRecord, Records};
 use crate::stats::CpuSamples;
 use crate::streams::AttachPoint;
 use crx_cri::config::Config;
@@ -44,6 +45,8 @@ pub struct Runtime {
     pub cpu_samples: CpuSamples,
     /// The stdio of running containers this process pumps, by container ID, for Attach.
     pub attach_points: Mutex<HashMap<String, Arc<AttachPoint>>>,
+    /// The listeners of pods' host ports, by pod ID.
+    pub host_ports: PublishedPorts,
 }
 
 impl Runtime {
@@ -57,6 +60,7 @@ impl Runtime {
             logs: Mutex::default(),
             cpu_samples: CpuSamples::default(),
             attach_points: Mutex::default(),
+            host_ports: Mutex::default(),
         });
         runtime.recover();
         Ok(runtime)
@@ -84,6 +88,20 @@ impl Runtime {
     /// Containers that were running when an earlier crx-cri stopped: in a live VM their exit
     /// is waited for again; in a dead one they are exited.
     fn recover(self: &Arc<Self>) {
+        let ready: Vec<(String, Vec<HostPort>)> = self
+            .records()
+            .pods
+            .values()
+            .filter(|p| !p.stopped && !p.host_ports.is_empty())
+            .map(|p| (p.id.clone(), p.host_ports.clone()))
+            .collect();
+        for (pod, ports) in ready {
+            if self.live_sandbox(&pod).is_some() {
+                if let Err(e) = self.publish_ports(&pod, &ports) {
+                    tracing::warn!(pod, "{}", e.message());
+                }
+            }
+        }
         let running: Vec<(String, String)> = self
             .records()
             .containers
@@ -134,7 +152,7 @@ impl Runtime {
 
     /// RunPodSandbox.
     pub fn run_pod(
-        &self,
+        self: &Arc<Self>,
         config: cri::PodSandboxConfig,
         handler: String,
     ) -> Result<String, Status> {
@@ -168,6 +186,7 @@ impl Runtime {
             .and_then(|s| s.namespace_options.clone())
             .unwrap_or_default();
         let host_network = namespaces.network() == cri::NamespaceMode::Node;
+        let host_ports = host_ports_of(&config.port_mappings, host_network)?;
         let network = (!host_network).then(|| NetworkConfig {
             conf_dir: self.config.network.cni_conf_dir.clone(),
             bin_dirs: self.config.network.cni_bin_dirs.clone(),
@@ -222,10 +241,19 @@ impl Runtime {
             .and_then(|mut agent| sandbox.configure(&mut agent, &settings));
         if let Err(e) = configured {
             let e = match e {
-                SandboxError::Agent(_) => SandboxError::VmmExited {
+                SandboxError::Agent(_) if !sandbox.is_running() => SandboxError::VmmExited {
                     id: id.clone(),
                     log: format!("{e}\n{}", sandbox.log_tail()),
                 },
+                SandboxError::Agent(e) => {
+                    tracing::warn!(
+                        id,
+                        "the pod VM's agent failed while it was configured, its VMM running: \
+                         {e}\n{}",
+                        sandbox.log_tail()
+                    );
+                    SandboxError::Agent(e)
+                }
                 e => e,
             };
             if let Err(undo) = sandbox.remove(Duration::ZERO) {
@@ -254,8 +282,14 @@ impl Runtime {
             created_ns: now_ns(),
             ip,
             stopped: false,
+            host_ports: host_ports.clone(),
         };
+        if let Err(e) = self.publish_ports(&id, &host_ports) {
+            let _ = sandbox.remove(Duration::ZERO);
+            return Err(e);
+        }
         if let Err(e) = self.records().save_pod(record) {
+            self.unpublish_ports(&id);
             let _ = sandbox.remove(Duration::ZERO);
             return Err(e);
         }
@@ -294,6 +328,7 @@ impl Runtime {
             Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        self.unpublish_ports(&id);
         let running: Vec<String> = self
             .records()
             .containers_of(&id)
@@ -336,6 +371,7 @@ impl Runtime {
             Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        self.unpublish_ports(&id);
         let containers: Vec<String> = self
             .records()
             .containers_of(&id)

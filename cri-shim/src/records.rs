@@ -34,6 +34,18 @@ pub struct PodRecord {
     pub ip: String,
     /// StopPodSandbox ran: the VM is gone and the network released.
     pub stopped: bool,
+    /// The node's ports crx-cri publishes for the pod while it runs.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A node port whose connections go to a port on the pod VM's loopback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// The address to listen on; empty: every address.
+    pub host_ip: String,
+    pub host_port: u16,
+    pub container_port: u16,
 }
 
 /// The CRI state of a container.
@@ -305,6 +317,11 @@ mod tests {
             created_ns: now_ns(),
             ip: "10.0.0.2".into(),
             stopped: false,
+            host_ports: vec![HostPort {
+                host_ip: String::new(),
+                host_port: 8080,
+                container_port: 80,
+            }],
         };
         records.save_pod(pod.clone()).unwrap();
         let again = Records::load(dir.path()).unwrap();

@@ -4,7 +4,7 @@
 //! calls and the socket's life, through a gRPC client. In VMs (the test host): pods and
 //! containers end to end (runp, create, start, exec -s, logs, inspect, ps, pods, stop, rm,
 //! stopp, rmp, nothing left behind), exec and attach sessions, port-forward to a server in the
-//! pod, volumes (host directories and files, read-only or not), exit codes and reasons, a restarted crx-cri and a dead VMM, stats of containers and pod
+//! pod and its host port, volumes (host directories and files, read-only or not), exit codes and reasons, a restarted crx-cri and a dead VMM, stats of containers and pod
 //! VMs (stats, statsp, runtime-config, update-runtime-config).
 
 mod support;
@@ -945,7 +945,7 @@ fn volumes_carry_host_files_both_ways(b: &PodBench, pod: &str, pod_config: &str)
 }
 
 /// `crictl port-forward` to busybox httpd in a container of the pod: two requests over two
-/// forwarded connections, and a port where nothing listens.
+/// forwarded connections, and a port where nothing listens; then the pod's host port to it.
 fn port_forward_reaches_a_server_in_the_pod(b: &PodBench, pod: &str, pod_config: &str) {
     let c = &b.cri;
     let web = b.start_container(
@@ -1011,6 +1011,16 @@ fn port_forward_reaches_a_server_in_the_pod(b: &PodBench, pod: &str, pod_config:
             c.log()
         );
     }
+    // The pod's host port reaches the same server, without crictl.
+    let pod_spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pod_config).unwrap()).unwrap();
+    let host_port = pod_spec["port_mappings"][0]["host_port"].as_u64().unwrap() as u16;
+    let response = get(host_port);
+    assert!(
+        response.ends_with("served-by-the-pod\n"),
+        "through the host port: {response:?}\ncrx-cri log:\n{}",
+        c.log()
+    );
     // Nothing listens on 8081 in the pod: the connection ends with nothing, and crictl is told.
     assert_eq!(get(local["8081"]), "");
     let _ = forward.kill();
@@ -1048,6 +1058,12 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     assert_eq!(network_ready["status"], true, "{info}");
 
     let pod_config = b.pod_config("web");
+    // A host port: the node's port 8080 of the test's choosing reaches the pod's 8080.
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&pod_config).unwrap()).unwrap();
+    let host_port = crx_test_support::free_port();
+    config["port_mappings"] = serde_json::json!([{"container_port": 8080, "host_port": host_port}]);
+    std::fs::write(&pod_config, config.to_string()).unwrap();
     let pod = c.crictl_ok(&["runp", &pod_config]).trim().to_owned();
     println!("crx-vm-boot: crictl runp (pod {pod})");
     assert_eq!(pod.len(), 32, "{pod}");
@@ -1263,6 +1279,10 @@ fn crictl_runs_a_pod_vm_with_containers_end_to_end() {
     c.crictl_ok(&["stopp", &pod]);
     let status = c.crictl_json(&["inspectp", &pod]);
     assert_eq!(status["status"]["state"], "SANDBOX_NOTREADY", "{status}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", host_port)).is_err(),
+        "the host port outlived its pod"
+    );
     c.crictl_ok(&["stopp", &pod]); // again: fine
     c.crictl_ok(&["rmp", &pod]);
     assert!(c.crictl_json(&["pods"])["items"]

@@ -252,12 +252,10 @@ fn critest_image_and_runtime_info_groups() {
 const POD_FOCUS: &str =
     r"\[k8s\.io\] (PodSandbox|Container|Networking|Multiple Containers|Streaming)";
 /// What they need that is not built yet: the security-context settings the guest does not
-/// apply (among them privileged containers, which the mount propagation and read-only mount
-/// specs need to mount inside the container), port mappings, and host ports for host-network
-/// pods (the host-network port-forward spec first checks the server on the node's own
-/// 127.0.0.1, which a pod VM's loopback is not).
-const POD_SKIP: &str = r"(?i)(Mount Propagation|Mount Readonly|portforward in host network|apparmor|selinux|seccomp|benchmark|hostport|host port|port mapping)";
-/// Specs of [`POD_FOCUS`] that pass: all 32 that run (critest v1.32 names). "stopping
+/// apply, among them privileged containers, which the mount propagation and read-only mount
+/// specs need to mount inside the container.
+const POD_SKIP: &str = r"(?i)(Mount Propagation|Mount Readonly|apparmor|selinux|seccomp|benchmark)";
+/// Specs of [`POD_FOCUS`] that pass: all 35 that run (critest v1.32 names). "stopping
 /// container" needs a SIGTERM sent right after start (before `top` installs its handler, slow
 /// in the test host) to reach the container's init once it has one; "DNS config" the pod's
 /// resolv.conf in the container; the sysctl specs the pod's IPC namespace shared by its
@@ -293,6 +291,9 @@ const POD_MUST_PASS: &[&str] = &[
     "runtime should support execSync with timeout [Conformance]",
     "should support container exec",
     "runtime should support portforward [Conformance]",
+    "runtime should support portforward in host network",
+    "runtime should support port mapping with only container port [Conformance]",
+    "runtime should support port mapping with host port and container port [Conformance]",
     "runtime should support starting container with volume [Conformance]",
     "runtime should support starting container with volume when host path is a symlink [Conformance]",
 ];
