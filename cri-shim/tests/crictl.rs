@@ -1298,6 +1298,12 @@ fn a_restarted_crx_cri_finds_its_pods_and_a_dead_vmm_is_notready() {
     }
     let mut b = PodBench::new("crx-cri-restart", "crxcri1", "10.89.8");
     let pod_config = b.pod_config("db");
+    // A host port, which the restarted crx-cri publishes again.
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&pod_config).unwrap()).unwrap();
+    let host_port = crx_test_support::free_port();
+    config["port_mappings"] = serde_json::json!([{"container_port": 5432, "host_port": host_port}]);
+    std::fs::write(&pod_config, config.to_string()).unwrap();
     let pod = b.cri.crictl_ok(&["runp", &pod_config]).trim().to_owned();
     println!("crx-vm-boot: crictl runp (pod {pod}, crx-cri then restarted)");
     let config = b.container_config("sleeper", "sleep 3600");
@@ -1319,9 +1325,15 @@ fn a_restarted_crx_cri_finds_its_pods_and_a_dead_vmm_is_notready() {
     let store = b.cri.store.clone();
     let config_text = std::fs::read_to_string(b.path("cri/config.toml")).unwrap();
     let config_text = config_text.split_once('\n').unwrap().1.to_owned();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", host_port)).is_err());
     b.cri = CriServer::start(&b.path("cri"), &socket, &store, &config_text);
     let status = b.cri.crictl_json(&["inspectp", &pod]);
     assert_eq!(status["status"]["state"], "SANDBOX_READY", "{status}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", host_port)).is_ok(),
+        "the host port was not published again:\n{}",
+        b.cri.log()
+    );
     b.wait_state(&sleeper, "CONTAINER_RUNNING");
     assert_eq!(
         b.cri
@@ -1348,6 +1360,7 @@ fn a_restarted_crx_cri_finds_its_pods_and_a_dead_vmm_is_notready() {
     }
     b.wait_state(&sleeper, "CONTAINER_EXITED");
     b.cri.crictl_ok(&["stopp", &pod]);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", host_port)).is_err());
     b.cri.crictl_ok(&["rmp", &pod]);
     b.assert_clean(&pod);
 }
