@@ -230,21 +230,56 @@ pub fn add_container(
     volumes: &[Volume],
 ) -> Result<(), PodError> {
     crate::sandbox::check_id(id)?;
+    let (rootfs, spec) = image_spec(store, image, process)?;
+    store.lease(&image.name, lease)?;
+    let container = ContainerRoot {
+        id,
+        rootfs: &rootfs,
+        volumes,
+    };
+    if let Err(e) = add_container_with_spec(sandbox, agent, &container, &spec, process.terminal) {
+        let _ = store.release(lease);
+        return Err(e);
+    }
+    tracing::info!(pod = %sandbox.id(), id, image = %image.name, volumes = volumes.len(), "container created");
+    Ok(())
+}
+
+/// Where a container's files come from on the host: its root filesystem and its volumes.
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerRoot<'a> {
+    pub id: &'a str,
+    pub rootfs: &'a Path,
+    pub volumes: &'a [Volume],
+}
+
+/// Adds a container with a ready-made `spec` to a running sandbox that has the container
+/// share: mounts its root and volumes into the share and has the agent create the container
+/// (not started) with the volumes bound at their container paths. On failure nothing of it is
+/// left.
+pub fn add_container_with_spec(
+    sandbox: &Sandbox,
+    agent: &mut AgentClient,
+    container: &ContainerRoot<'_>,
+    spec: &Spec,
+    terminal: bool,
+) -> Result<(), PodError> {
+    let id = container.id;
+    crate::sandbox::check_id(id)?;
     let share = sandbox
         .state()
         .container_share
         .clone()
         .ok_or_else(|| PodError::NoShare(sandbox.id().to_owned()))?;
-    let (rootfs, spec) = image_spec(store, image, process)?;
-    store.lease(&image.name, lease)?;
-    let made = share::attach(&share, id, &rootfs, volumes)
+    let made = share::attach(&share, id, container.rootfs, container.volumes)
         .map_err(PodError::from)
         .and_then(|()| {
             let rootfs = Rootfs {
                 fs_tag: CONTAINERS_TAG.into(),
                 path: share::rootfs_path(id),
             };
-            let volumes = volumes
+            let volumes = container
+                .volumes
                 .iter()
                 .enumerate()
                 .map(|(index, volume)| crx_agent_proto::Volume {
@@ -255,7 +290,7 @@ pub fn add_container(
                 })
                 .collect();
             agent
-                .create_container(id, rootfs, &spec, process.terminal, volumes)
+                .create_container(id, rootfs, spec, terminal, volumes)
                 .map_err(|source| PodError::Agent {
                     id: sandbox.id().to_owned(),
                     source,
@@ -263,10 +298,8 @@ pub fn add_container(
         });
     if let Err(e) = made {
         let _ = share::detach(&share, id);
-        let _ = store.release(lease);
         return Err(e);
     }
-    tracing::info!(pod = %sandbox.id(), id, image = %image.name, volumes = volumes.len(), "container created");
     Ok(())
 }
 
@@ -278,6 +311,20 @@ pub fn remove_container(
     store: &Store,
     id: &str,
     lease: &str,
+) -> Result<(), PodError> {
+    remove_container_from_share(sandbox, agent, id)?;
+    match store.release(lease) {
+        Err(crx_image::Error::LeaseNotFound(_)) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes container `id` from its sandbox: the agent's container (when the VM still runs,
+/// `agent` is its client) and its root and volumes in the share. Repeatable.
+pub fn remove_container_from_share(
+    sandbox: &Sandbox,
+    agent: Option<&mut AgentClient>,
+    id: &str,
 ) -> Result<(), PodError> {
     if let Some(agent) = agent {
         match agent.remove_container(id) {
@@ -293,10 +340,7 @@ pub fn remove_container(
     if let Some(share) = &sandbox.state().container_share {
         share::detach(share, id)?;
     }
-    match store.release(lease) {
-        Err(crx_image::Error::LeaseNotFound(_)) | Ok(()) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(())
 }
 
 /// Stops the main process of container `id`: SIGTERM, then SIGKILL once `grace` has passed.

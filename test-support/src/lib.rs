@@ -1,9 +1,11 @@
 //! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
 //! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
 //! by hand ([`layout`]), the bundled busybox image built as an OCI layout, pushes with
-//! `skopeo`, a throttling TCP proxy ([`proxy`]) and CNI bridge networks ([`cni`]).
+//! `skopeo`, a throttling TCP proxy ([`proxy`]), CNI bridge networks ([`cni`]) and Debian's
+//! containerd ([`containerd`]).
 
 pub mod cni;
+pub mod containerd;
 pub mod layout;
 pub mod proxy;
 
