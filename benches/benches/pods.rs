@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use crx_benches::{median_p99, release_binary, workspace_root};
 use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
-use crx_test_support::Registry;
+use crx_test_support::crx_cri::CrxCri;
+use crx_test_support::{spawn_listening, Registry};
 
 /// Pods started at once in the concurrent part.
 const CONCURRENT: usize = 20;
@@ -110,37 +111,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Waits until `socket` accepts connections, or the daemon died.
-fn wait_listening(daemon: &mut Daemon, socket: &Path, log: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if let Ok(Some(status)) = daemon.0.try_wait() {
-            panic!(
-                "pods bench: {what} exited ({status}):\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pods bench: {what} did not listen on {}:\n{}",
-            socket.display(),
-            fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Daemon {
-    let out = fs::File::create(log).expect("a daemon log");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("a daemon log"))
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| panic!("pods bench: cannot start {what}: {e}"));
-    Daemon(child)
-}
-
 fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
@@ -188,14 +158,12 @@ state = "{state}"
     );
     let config_path = dir.join("config.toml");
     fs::write(&config_path, config).expect("containerd's config");
-    let log = dir.join("containerd.log");
-    let mut daemon = spawn_logged(
+    let daemon = spawn_listening(
         Command::new("containerd").arg("--config").arg(&config_path),
-        &log,
-        "containerd",
+        &dir.join("containerd.log"),
+        &socket,
     );
-    wait_listening(&mut daemon, &socket, &log, "containerd");
-    (daemon, format!("unix://{}", socket.display()))
+    (Daemon(daemon), format!("unix://{}", socket.display()))
 }
 
 /// crx-cri (release build), everything under `dir`: its state, image store, socket and CNI
@@ -210,31 +178,19 @@ fn start_crx_cri(dir: &Path) -> (Daemon, String) {
     }
     .write(&net);
     let vmm = release_binary("crx-vmm").unwrap_or_else(|e| panic!("pods bench: {e}"));
-    let config_path = dir.join("config.toml");
-    fs::write(
-        &config_path,
-        format!(
+    let binary = release_binary("crx-cri").unwrap_or_else(|e| panic!("pods bench: {e}"));
+    let socket = dir.join("crx.sock");
+    let daemon = CrxCri {
+        binary: &binary,
+        dir,
+        socket: &socket,
+        store: &dir.join("store"),
+        config: &format!(
             "[runtime]\nvmm = {vmm:?}\nboot_timeout_secs = 300\n[network]\ncni_conf_dir = {net:?}\ncni_bin_dirs = [{CNI_BIN:?}]\n"
         ),
-    )
-    .expect("crx-cri's config");
-    let socket = dir.join("crx.sock");
-    let log = dir.join("crx-cri.log");
-    let mut daemon = spawn_logged(
-        Command::new(release_binary("crx-cri").unwrap_or_else(|e| panic!("pods bench: {e}")))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--image-root")
-            .arg(dir.join("store")),
-        &log,
-        "crx-cri",
-    );
-    wait_listening(&mut daemon, &socket, &log, "crx-cri");
-    (daemon, format!("unix://{}", socket.display()))
+    }
+    .start();
+    (Daemon(daemon), format!("unix://{}", socket.display()))
 }
 
 /// The bundled busybox as `busybox:latest` and a pause image (the same layer, sleeping) as
