@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use crx_benches::{median_p99, release_binary, workspace_root};
 use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
+use crx_test_support::containerd::{Containerd, ContainerdConfig};
+use crx_test_support::crx_cri::CrxCri;
 use crx_test_support::Registry;
 
 /// Pods started at once in the concurrent part.
@@ -100,45 +102,22 @@ impl Runtime {
     }
 }
 
-/// A child process killed when dropped.
-struct Daemon(Child);
+/// A CRI server of the bench: crx-cri (killed when dropped) or containerd.
+enum Server {
+    CrxCri(Child),
+    /// Stopped when dropped.
+    Containerd {
+        _daemon: Containerd,
+    },
+}
 
-impl Drop for Daemon {
+impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until `socket` accepts connections, or the daemon died.
-fn wait_listening(daemon: &mut Daemon, socket: &Path, log: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if let Ok(Some(status)) = daemon.0.try_wait() {
-            panic!(
-                "pods bench: {what} exited ({status}):\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
+        if let Server::CrxCri(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        assert!(
-            Instant::now() < deadline,
-            "pods bench: {what} did not listen on {}:\n{}",
-            socket.display(),
-            fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Daemon {
-    let out = fs::File::create(log).expect("a daemon log");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("a daemon log"))
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| panic!("pods bench: cannot start {what}: {e}"));
-    Daemon(child)
 }
 
 fn require_tool(tool: &str) {
@@ -150,57 +129,36 @@ fn require_tool(tool: &str) {
     );
 }
 
-/// containerd with its CRI plugin, everything under `dir`: its root and state, its socket,
-/// its CNI configuration, the pause image and the registry reached over plain HTTP.
-fn start_containerd(dir: &Path, registry: &str) -> (Daemon, String) {
-    require_tool("containerd");
-    require_tool("containerd-shim-runc-v2");
-    require_tool("runc");
-    let net = dir.join("net.d");
-    BridgeNetwork {
-        name: "bench-runc",
-        bridge: "cxbrunc0",
-        prefix: "10.89.41",
-        dns: None,
-    }
-    .write(&net);
-    let socket = dir.join("containerd.sock");
-    let config = format!(
-        r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{socket}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{registry}/pause:pause"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{net}"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
-    endpoint = ["http://{registry}"]
-"#,
-        root = dir.join("root").display(),
-        state = dir.join("state").display(),
-        socket = socket.display(),
-        cni_bin = CNI_BIN,
-        net = net.display(),
+/// containerd with its CRI plugin and runc, everything under `dir`: its root and state, its
+/// socket, its CNI configuration, the pause image and the registry reached over plain HTTP.
+fn start_containerd(dir: &Path, registry: &str) -> (Server, String) {
+    let containerd = Containerd::start(
+        dir,
+        &ContainerdConfig {
+            registry,
+            network: BridgeNetwork {
+                name: "bench-runc",
+                bridge: "cxbrunc0",
+                prefix: "10.89.41",
+                dns: None,
+            },
+            runtimes: &[],
+            path: &[],
+            env: &[],
+        },
     );
-    let config_path = dir.join("config.toml");
-    fs::write(&config_path, config).expect("containerd's config");
-    let log = dir.join("containerd.log");
-    let mut daemon = spawn_logged(
-        Command::new("containerd").arg("--config").arg(&config_path),
-        &log,
-        "containerd",
-    );
-    wait_listening(&mut daemon, &socket, &log, "containerd");
-    (daemon, format!("unix://{}", socket.display()))
+    let endpoint = containerd.endpoint();
+    (
+        Server::Containerd {
+            _daemon: containerd,
+        },
+        endpoint,
+    )
 }
 
 /// crx-cri (release build), everything under `dir`: its state, image store, socket and CNI
 /// configuration.
-fn start_crx_cri(dir: &Path) -> (Daemon, String) {
+fn start_crx_cri(dir: &Path) -> (Server, String) {
     let net = dir.join("net.d");
     BridgeNetwork {
         name: "bench-crx",
@@ -210,31 +168,22 @@ fn start_crx_cri(dir: &Path) -> (Daemon, String) {
     }
     .write(&net);
     let vmm = release_binary("crx-vmm").unwrap_or_else(|e| panic!("pods bench: {e}"));
-    let config_path = dir.join("config.toml");
-    fs::write(
-        &config_path,
-        format!(
+    let binary = release_binary("crx-cri").unwrap_or_else(|e| panic!("pods bench: {e}"));
+    let socket = dir.join("crx.sock");
+    let daemon = CrxCri {
+        binary: &binary,
+        dir,
+        socket: &socket,
+        store: &dir.join("store"),
+        config: &format!(
             "[runtime]\nvmm = {vmm:?}\nboot_timeout_secs = 300\n[network]\ncni_conf_dir = {net:?}\ncni_bin_dirs = [{CNI_BIN:?}]\n"
         ),
+    }
+    .start();
+    (
+        Server::CrxCri(daemon),
+        format!("unix://{}", socket.display()),
     )
-    .expect("crx-cri's config");
-    let socket = dir.join("crx.sock");
-    let log = dir.join("crx-cri.log");
-    let mut daemon = spawn_logged(
-        Command::new(release_binary("crx-cri").unwrap_or_else(|e| panic!("pods bench: {e}")))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--image-root")
-            .arg(dir.join("store")),
-        &log,
-        "crx-cri",
-    );
-    wait_listening(&mut daemon, &socket, &log, "crx-cri");
-    (daemon, format!("unix://{}", socket.display()))
 }
 
 /// The bundled busybox as `busybox:latest` and a pause image (the same layer, sleeping) as

@@ -124,17 +124,7 @@ impl Runtime {
         pod_id: &str,
         config: cri::ContainerConfig,
     ) -> Result<String, Status> {
-        let pod = {
-            let records = self.records();
-            let id = records.pod_id(pod_id)?;
-            records.pods[&id].clone()
-        };
-        if !self.pod_ready(&pod) {
-            return Err(Status::failed_precondition(format!(
-                "pod sandbox {} is not ready",
-                pod.id
-            )));
-        }
+        let (pod, _) = self.ready_pod(pod_id)?;
         let meta = config.metadata.clone().unwrap_or_default();
         if meta.name.is_empty() {
             return Err(Status::invalid_argument(

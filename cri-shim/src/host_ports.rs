@@ -6,12 +6,11 @@
 //! StopPodSandbox, and come back for ready pods when crx-cri restarts.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crx_agent_proto::splice;
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
@@ -173,7 +172,7 @@ impl Runtime {
             .name("host-port-conn".into())
             .spawn(move || match runtime.forward_tcp(&pod, container_port) {
                 Ok(target) => {
-                    if let Err(e) = splice(conn, target) {
+                    if let Err(e) = splice(conn, target, "host-port-in") {
                         tracing::debug!(pod, container_port, "host port connection: {e}");
                     }
                 }
@@ -186,37 +185,6 @@ impl Runtime {
             tracing::warn!("cannot start a host port connection thread: {e}");
         }
     }
-}
-
-/// Copies client → pod on a thread of its own and pod → client here; a direction's clean end
-/// is passed on as a half-close, a failure shuts both down.
-fn splice(client: TcpStream, pod: UnixStream) -> io::Result<()> {
-    let (mut from_client, mut to_pod) = (client.try_clone()?, pod.try_clone()?);
-    let upstream = std::thread::Builder::new()
-        .name("host-port-in".into())
-        .spawn(move || {
-            let how = match io::copy(&mut from_client, &mut to_pod) {
-                Ok(_) => Shutdown::Write,
-                Err(_) => Shutdown::Both,
-            };
-            let _ = to_pod.shutdown(how);
-            if how == Shutdown::Both {
-                let _ = from_client.shutdown(Shutdown::Both);
-            }
-        })?;
-    let (mut from_pod, mut to_client) = (pod, client);
-    let copied = io::copy(&mut from_pod, &mut to_client);
-    let how = if copied.is_ok() {
-        Shutdown::Write
-    } else {
-        Shutdown::Both
-    };
-    let _ = to_client.shutdown(how);
-    if how == Shutdown::Both {
-        let _ = from_pod.shutdown(Shutdown::Both);
-    }
-    let _ = upstream.join();
-    copied.map(drop)
 }
 
 #[cfg(test)]

@@ -297,25 +297,25 @@ impl Runtime {
         Ok(id)
     }
 
-    /// The record of pod `id` (or a unique prefix of it) while its VM runs.
-    pub(crate) fn ready_pod(&self, id: &str) -> Result<PodRecord, Status> {
+    /// The record of pod `id` (or a unique prefix of it) and its live sandbox, if the pod is
+    /// READY (see [`Runtime::pod_ready`]); otherwise FailedPrecondition.
+    pub(crate) fn ready_pod(&self, id: &str) -> Result<(PodRecord, Sandbox), Status> {
         let records = self.records();
         let id = records.pod_id(id)?;
         let pod = records.pods.get(&id).cloned().expect("pod_id found it");
         drop(records);
-        if pod.stopped || self.live_sandbox(&id).is_none() {
-            return Err(Status::failed_precondition(format!(
+        match self.ready_sandbox(&pod) {
+            Some(sandbox) => Ok((pod, sandbox)),
+            None => Err(Status::failed_precondition(format!(
                 "pod sandbox {id} is not ready"
-            )));
+            ))),
         }
-        Ok(pod)
     }
 
     /// A TCP connection to `port` on the loopback of pod `id`'s VM, where its containers
     /// listen (PortForward), through the pod's agent.
     pub(crate) fn forward_tcp(&self, id: &str, port: u16) -> Result<UnixStream, Status> {
-        let pod = self.ready_pod(id)?;
-        let sandbox = Sandbox::open(&self.run_root(), &pod.id).map_err(sandbox_status)?;
+        let (_, sandbox) = self.ready_pod(id)?;
         let deadline = Instant::now() + crate::containers::AGENT_TIMEOUT;
         crx_runtime::agent::forward_tcp(&sandbox.vsock_path(), port, deadline).map_err(agent_status)
     }
@@ -395,7 +395,16 @@ impl Runtime {
 
     /// Whether pod `record` is READY: not stopped, its VMM alive.
     pub fn pod_ready(&self, record: &PodRecord) -> bool {
-        !record.stopped && self.live_sandbox(&record.id).is_some()
+        self.ready_sandbox(record).is_some()
+    }
+
+    /// The live sandbox of pod `record` if it is READY (its state is not read for a stopped
+    /// pod).
+    fn ready_sandbox(&self, record: &PodRecord) -> Option<Sandbox> {
+        if record.stopped {
+            return None;
+        }
+        self.live_sandbox(&record.id)
     }
 
     /// PodSandboxStatus.

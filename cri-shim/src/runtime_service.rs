@@ -370,7 +370,7 @@ runtime_service! {
                     })
                 })
                 .collect::<Result<Vec<u16>, Status>>()?;
-            let pod = self.runtime.ready_pod(&r.pod_sandbox_id)?;
+            let (pod, _) = self.runtime.ready_pod(&r.pod_sandbox_id)?;
             let url = self
                 .streaming
                 .url(StreamRequest {

@@ -24,7 +24,8 @@
 //!   The host's first frame is a [`ForwardRequest`] naming a TCP port; the agent dials it on the
 //!   VM's loopback (127.0.0.1, then ::1), where the pod's containers listen, and answers a
 //!   [`ForwardReply`] (no error: connected). From then on the connection carries the TCP
-//!   stream's raw bytes both ways, unframed; a half-close on either side is passed on as one.
+//!   stream's raw bytes both ways, unframed; a half-close on either side is passed on as one
+//!   (both sides carry it with [`splice`]).
 //!
 //! # Framing
 //! Every message in either direction is one frame: a 4-byte big-endian length, then that many
@@ -83,9 +84,11 @@
 
 mod frame;
 mod messages;
+mod splice;
 
 pub use frame::{encode_frame, read_frame, write_frame, FrameError};
 pub use messages::*;
+pub use splice::{splice, HalfClose};
 
 /// Checked in the `Hello` handshake; bump on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

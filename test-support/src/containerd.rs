@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cni::{BridgeNetwork, CNI_BIN};
+use crate::spawn_listening;
 
 /// How long one `ctr` command may take (it then exits 124).
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
@@ -95,36 +96,20 @@ state = "{state}"
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, toml).expect("containerd's config");
         let log = dir.join("containerd.log");
-        let out = std::fs::File::create(&log).expect("containerd's log");
         let path = std::env::join_paths(config.path.iter().cloned().chain(std::env::split_paths(
             &std::env::var_os("PATH").unwrap_or_default(),
         )))
         .expect("a PATH");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .env("PATH", path)
-            .envs(config.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("containerd's log"))
-            .stderr(out)
-            .spawn()
-            .expect("start containerd");
-        let mut containerd = Containerd { socket, log, child };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while std::os::unix::net::UnixStream::connect(&containerd.socket).is_err() {
-            if let Ok(Some(status)) = containerd.child.try_wait() {
-                panic!("containerd exited ({status}):\n{}", containerd.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not listen on {}:\n{}",
-                containerd.socket.display(),
-                containerd.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        containerd
+        let child = spawn_listening(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config_path)
+                .env("PATH", path)
+                .envs(config.env.iter().map(|(k, v)| (k, v))),
+            &log,
+            &socket,
+        );
+        Containerd { socket, log, child }
     }
 
     /// The CRI endpoint, for crictl.

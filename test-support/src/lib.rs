@@ -1,19 +1,26 @@
 //! crx-test-support: what CRX's tests and benches share (a dev-dependency only): a real Debian
 //! `docker-registry` on a free loopback port (own config, storage and log), OCI layouts written
 //! by hand ([`layout`]), the bundled busybox image built as an OCI layout, pushes with
-//! `skopeo`, a throttling TCP proxy ([`proxy`]), CNI bridge networks ([`cni`]) and Debian's
-//! containerd ([`containerd`]).
+//! `skopeo`, a throttling TCP proxy ([`proxy`]), CNI bridge networks ([`cni`]), Debian's
+//! containerd ([`containerd`]), a real `crx-cri` ([`crx_cri`]) and daemons waited for until they
+//! listen ([`spawn_listening`]).
 
 pub mod cni;
 pub mod containerd;
+pub mod crx_cri;
 pub mod layout;
 pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long [`spawn_listening`] waits for a daemon's socket (generous: in the KVM test host
+/// every instruction is emulated).
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Fail (never skip) when a tool the tests need is missing.
 pub fn require_tools() {
@@ -42,6 +49,42 @@ pub fn build_busybox_layout(dest: &Path) {
         script.display(),
         String::from_utf8_lossy(&built.stderr)
     );
+}
+
+/// Starts daemon `cmd` (stdin null, stdout and stderr to `log`, truncated) and returns once
+/// it accepts connections on Unix socket `socket`; panics, with the log, if it exits before
+/// or does not listen within [`LISTEN_TIMEOUT`] (then it is killed).
+pub fn spawn_listening(cmd: &mut Command, log: &Path, socket: &Path) -> Child {
+    let out = std::fs::File::create(log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let err = out
+        .try_clone()
+        .unwrap_or_else(|e| panic!("cannot reopen {}: {e}", log.display()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+    let what = Path::new(cmd.get_program()).display();
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
+    while UnixStream::connect(socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}):\n{}", read_log());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not listen on {}:\n{}",
+                socket.display(),
+                read_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 pub fn free_port() -> u16 {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crx_test_support::crx_cri::CrxCri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
@@ -56,52 +57,24 @@ pub struct CriServer {
 }
 
 impl CriServer {
-    /// Start `crx-cri` with `config` (TOML) written to `dir/config.toml`, listening on
-    /// `socket`, its state in `dir/state`, its log in `dir/crx-cri.log`.
+    /// Start `crx-cri` with `config` (TOML, after a debug `log_level`) written to
+    /// `dir/config.toml`, listening on `socket`, its state in `dir/state`, its log in
+    /// `dir/crx-cri.log`.
     pub fn start(dir: &Path, socket: &Path, store: &Path, config: &str) -> CriServer {
-        std::fs::create_dir_all(dir).unwrap();
-        let config_path = dir.join("config.toml");
-        std::fs::write(
-            &config_path,
-            format!("log_level = \"crx_cri=debug,crx_image=debug,info\"\n{config}"),
-        )
-        .unwrap();
-        let log = dir.join("crx-cri.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_crx-cri"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--image-root")
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start crx-cri");
-        let mut server = CriServer {
+        let cri = CrxCri {
+            binary: Path::new(env!("CARGO_BIN_EXE_crx-cri")),
+            dir,
+            socket,
+            store,
+            config: &format!("log_level = \"crx_cri=debug,crx_image=debug,info\"\n{config}"),
+        };
+        let child = cri.start();
+        CriServer {
             socket: socket.to_owned(),
             store: store.to_owned(),
-            log,
+            log: cri.log(),
             child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("crx-cri exited ({status}):\n{}", server.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "crx-cri did not listen on {}:\n{}",
-                socket.display(),
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
     }
 
     pub fn endpoint(&self) -> String {

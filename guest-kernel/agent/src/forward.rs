@@ -6,12 +6,14 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use crx_agent_proto::{read_frame, write_frame, Error, ErrorCode, ForwardReply, ForwardRequest};
-use nix::sys::socket::Shutdown as VsockShutdown;
+use crx_agent_proto::{
+    read_frame, splice, write_frame, Error, ErrorCode, ForwardReply, ForwardRequest,
+};
+
+use crate::vsock;
 
 /// How long dialing a port in the VM may take (loopback: refused or accepted at once, unless
 /// the listener's backlog is full).
@@ -41,7 +43,7 @@ pub fn serve(mut conn: File) {
     if write_frame(&mut conn, &ForwardReply { error: None }).is_err() {
         return;
     }
-    if let Err(e) = splice(conn, target) {
+    if let Err(e) = splice(vsock::Connection(conn), target, "forward") {
         eprintln!("crx-agent: forward to port {port}: {e}");
     }
 }
@@ -60,40 +62,4 @@ fn dial(port: u16) -> io::Result<TcpStream> {
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
         TcpStream::connect_timeout(&v6, DIAL_TIMEOUT).map_err(|_| e)
     })
-}
-
-/// Copies host → target on a thread of its own and target → host here, until both end.
-fn splice(conn: File, target: TcpStream) -> io::Result<()> {
-    let mut from_host = conn.try_clone()?;
-    let mut to_target = target.try_clone()?;
-    let upstream = std::thread::Builder::new()
-        .name("forward".into())
-        .spawn(move || {
-            let copied = io::copy(&mut from_host, &mut to_target);
-            let how = if copied.is_ok() {
-                Shutdown::Write
-            } else {
-                Shutdown::Both
-            };
-            let _ = to_target.shutdown(how);
-            if copied.is_err() {
-                let _ = shutdown_vsock(&from_host, VsockShutdown::Both);
-            }
-        })?;
-    let (mut from_target, mut to_host) = (target, conn);
-    let copied = io::copy(&mut from_target, &mut to_host);
-    match copied {
-        Ok(_) => shutdown_vsock(&to_host, VsockShutdown::Write)?,
-        Err(_) => {
-            let _ = shutdown_vsock(&to_host, VsockShutdown::Both);
-            let _ = from_target.shutdown(Shutdown::Both);
-        }
-    }
-    let _ = upstream.join();
-    copied.map(|_| ())
-}
-
-/// shutdown(2) on the vsock connection, which the agent holds as a `File`.
-fn shutdown_vsock(conn: &File, how: VsockShutdown) -> io::Result<()> {
-    nix::sys::socket::shutdown(conn.as_raw_fd(), how).map_err(io::Error::from)
 }

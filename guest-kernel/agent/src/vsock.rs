@@ -1,9 +1,11 @@
 //! AF_VSOCK listening sockets (any CID) and accepting connections as blocking `File`s.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use crx_agent_proto::HalfClose;
 use nix::sys::socket::{
     accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
@@ -49,5 +51,40 @@ impl Listener {
                 }
             }
         }
+    }
+}
+
+/// An accepted connection as a stream that can be half-closed (for
+/// [`crx_agent_proto::splice`]).
+pub struct Connection(pub File);
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl HalfClose for Connection {
+    fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Connection)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let how = match how {
+            Shutdown::Read => nix::sys::socket::Shutdown::Read,
+            Shutdown::Write => nix::sys::socket::Shutdown::Write,
+            Shutdown::Both => nix::sys::socket::Shutdown::Both,
+        };
+        nix::sys::socket::shutdown(self.0.as_raw_fd(), how).map_err(io::Error::from)
     }
 }
