@@ -23,7 +23,6 @@ use crx_benches::{median_p99, release_binary, workspace_root};
 use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
 use crx_test_support::containerd::{Containerd, ContainerdConfig};
 use crx_test_support::crx_cri::CrxCri;
-use crx_test_support::Registry;
 
 /// Pods started at once in the concurrent part.
 const CONCURRENT: usize = 20;
@@ -120,15 +119,6 @@ impl Drop for Server {
     }
 }
 
-fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-    assert!(
-        found,
-        "pods bench: `{tool}` is not installed (setup/apt-packages.txt lists it)"
-    );
-}
-
 /// containerd with its CRI plugin and runc, everything under `dir`: its root and state, its
 /// socket, its CNI configuration, the pause image and the registry reached over plain HTTP.
 fn start_containerd(dir: &Path, registry: &str) -> (Server, String) {
@@ -184,44 +174,6 @@ fn start_crx_cri(dir: &Path) -> (Server, String) {
         Server::CrxCri(daemon),
         format!("unix://{}", socket.display()),
     )
-}
-
-/// The bundled busybox as `busybox:latest` and a pause image (the same layer, sleeping) as
-/// `pause:pause`, pushed to a local registry.
-fn push_images(dir: &Path) -> Registry {
-    let layout = dir.join("busybox");
-    let built = Command::new(workspace_root().join("images/build-busybox.sh"))
-        .arg(&layout)
-        .output()
-        .expect("run images/build-busybox.sh");
-    assert!(
-        built.status.success(),
-        "pods bench: images/build-busybox.sh: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    require_tool("umoci");
-    let pause = Command::new("umoci")
-        .args(["config", "--image"])
-        .arg(format!("{}:latest", layout.display()))
-        .args([
-            "--tag",
-            "pause",
-            "--config.entrypoint",
-            "/bin/sleep",
-            "--config.cmd",
-            "2147483647",
-        ])
-        .output()
-        .expect("run umoci");
-    assert!(
-        pause.status.success(),
-        "pods bench: umoci config: {}",
-        String::from_utf8_lossy(&pause.stderr)
-    );
-    let registry = Registry::start(&dir.join("registry"), None);
-    registry.push(&layout, "latest", "busybox", None);
-    registry.push(&layout, "pause", "pause", None);
-    registry
 }
 
 /// The PSS of `pids`, summed, in bytes (from `/proc/PID/smaps_rollup`).
@@ -336,7 +288,7 @@ fn main() {
         crictl.display()
     );
 
-    let registry = push_images(scratch.path());
+    let registry = crx_test_support::registry_with_busybox_and_pause(scratch.path());
     let image = format!("{}/busybox:latest", registry.addr());
     let mut daemons = Vec::new();
     let mut runtimes = Vec::new();

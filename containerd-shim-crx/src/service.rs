@@ -20,9 +20,10 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Context, ExitSignal, TtrpcContext, TtrpcResult};
 use crx_agent_proto::{ExecProcess, User};
 use crx_runtime::agent::{AgentClient, StdioAttachment};
+use crx_runtime::network::PodNetwork;
 use crx_runtime::pod::{self, ContainerRoot};
-use crx_runtime::sandbox::{Sandbox, SandboxConfig};
-use oci_spec::runtime::Spec;
+use crx_runtime::sandbox::{GuestSettings, Sandbox, SandboxConfig};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::guest_spec;
 use crate::process::{ExitSink, Process, StdioPaths};
@@ -30,6 +31,8 @@ use crate::shim::{sandbox_id, Settings};
 
 /// How long a VM gets to power off when its pod's last task is deleted.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The pod's interface in the network namespace containerd's CRI made.
+const POD_IFNAME: &str = "eth0";
 /// How long a stdio attachment may take.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,6 +102,18 @@ fn not_found(what: &str, id: &str) -> ttrpc::Error {
     error(Code::NOT_FOUND, format!("{what} {id} not found"))
 }
 
+/// The network namespace a bundle's spec joins, if it names one.
+fn pod_netns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
 impl Service {
     pub fn new(
         settings: Result<Settings, String>,
@@ -128,8 +143,10 @@ impl Service {
             .map_err(|e| error(Code::FAILED_PRECONDITION, format!("CRX configuration: {e}")))
     }
 
-    /// Boots the pod VM for the pod whose first task is `group`.
-    fn boot(&self, group: &str) -> TtrpcResult<PodVm> {
+    /// Boots the pod VM for the pod whose first task is `group` with bundle spec `spec`: in
+    /// the network namespace the spec names (containerd's CRI made it and ran CNI in it),
+    /// with the spec's hostname and sysctls; without a network device when it names none.
+    fn boot(&self, group: &str, spec: &Spec) -> TtrpcResult<PodVm> {
         let settings = self.settings()?;
         let runtime = &settings.runtime;
         let config = SandboxConfig {
@@ -145,7 +162,10 @@ impl Service {
                 ("containerd.task".to_owned(), group.to_owned()),
             ]
             .into(),
-            network: None,
+            network: pod_netns(spec).map(|netns| PodNetwork::Join {
+                netns,
+                ifname: POD_IFNAME.to_owned(),
+            }),
             container_share: true,
             template: runtime.templates,
         };
@@ -160,7 +180,24 @@ impl Service {
             .map_err(|e| internal(format!("starting the pod VM: {e}")))?;
         sandbox.reap_in_background();
         let deadline = Instant::now() + Duration::from_secs(runtime.boot_timeout_secs);
-        match sandbox.agent(deadline) {
+        let settings = GuestSettings {
+            hostname: spec.hostname().clone().unwrap_or_default(),
+            dns: None,
+            sysctls: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.sysctl().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        };
+        let ready = sandbox.agent(deadline).and_then(|mut agent| {
+            if config.network.is_some() {
+                sandbox.configure(&mut agent, &settings)?;
+            }
+            Ok(agent)
+        });
+        match ready {
             Ok(agent) => {
                 tracing::info!(id = %config.id, pid = sandbox.state().vmm_pid, "pod VM up");
                 Ok(PodVm { sandbox, agent })
@@ -168,7 +205,7 @@ impl Service {
             Err(e) => {
                 let tail = sandbox.log_tail();
                 let _ = sandbox.remove(Duration::ZERO);
-                Err(internal(format!("the pod VM's agent: {e}\n{tail}")))
+                Err(internal(format!("the pod VM: {e}\n{tail}")))
             }
         }
     }
@@ -361,7 +398,7 @@ impl containerd_shim::Task for Service {
         };
         let added = (|| {
             if state.vm.is_none() {
-                state.vm = Some(self.boot(id)?);
+                state.vm = Some(self.boot(id, &spec)?);
             }
             let vm = state.vm.as_mut().expect("booted");
             let container = ContainerRoot {
@@ -670,5 +707,33 @@ impl containerd_shim::Task for Service {
             self.exit.signal();
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(namespaces: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"namespaces": namespaces},
+        }))
+        .expect("spec")
+    }
+
+    #[test]
+    fn the_pod_network_is_the_network_namespace_the_spec_names() {
+        let cri = spec(serde_json::json!([
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]));
+        assert_eq!(
+            pod_netns(&cri),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        // `ctr run`: a new namespace, which a VM's containers get as the VM's own.
+        let new = spec(serde_json::json!([{"type": "network"}]));
+        assert_eq!(pod_netns(&new), None);
     }
 }

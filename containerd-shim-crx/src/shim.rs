@@ -129,3 +129,23 @@ impl containerd_shim::Shim for CrxShim {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pods_tasks_share_one_shim_and_vm() {
+        let bundle = tempfile::tempdir().expect("a bundle");
+        let write = |annotations: serde_json::Value| {
+            let spec = serde_json::json!({"ociVersion": "1.0.2", "annotations": annotations});
+            std::fs::write(bundle.path().join("config.json"), spec.to_string())
+                .expect("config.json");
+        };
+        write(serde_json::json!({SANDBOX_ID_ANNOTATION: "pod-1"}));
+        assert_eq!(grouping(bundle.path(), "container-1"), "pod-1");
+        write(serde_json::json!({}));
+        assert_eq!(grouping(bundle.path(), "container-1"), "container-1");
+        assert_eq!(sandbox_id(&"a".repeat(64)).len(), SANDBOX_ID_LEN);
+    }
+}

@@ -1,7 +1,9 @@
 //! containerd (Debian's 1.6) running containers in CRX microVMs through
 //! `containerd-shim-crx-v2`, in VMs (the test host): `ctr run --runtime io.containerd.crx.v2`
 //! (output, exit code, the guest's kernel, nothing left after `--rm`), `ctr run -d` with
-//! `ctr task exec` and `ctr task kill`.
+//! `ctr task exec` and `ctr task kill`; and crictl through containerd's CRI with the RuntimeClass
+//! handler `crx`: a pod VM joined to the pod network containerd made, a container in it, exec,
+//! logs, stop and removal.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -10,6 +12,20 @@ use std::time::{Duration, Instant};
 use crx_test_support::cni::BridgeNetwork;
 use crx_test_support::containerd::{Containerd, ContainerdConfig, ExtraRuntime};
 use crx_test_support::Registry;
+
+/// cri-tools' crictl (`../shared/cri-tools/bin`, or `$CRX_CRI_TOOLS/bin`).
+fn crictl_binary() -> PathBuf {
+    let crictl = std::env::var_os("CRX_CRI_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/cri-tools"))
+        .join("bin/crictl");
+    assert!(
+        crictl.is_file(),
+        "{} is missing (cri-tools in ../shared/cri-tools/bin)",
+        crictl.display()
+    );
+    crictl
+}
 
 const RUNTIME: &str = "io.containerd.crx.v2";
 const NAMESPACE: &str = "crx-test";
@@ -40,21 +56,25 @@ struct Setup {
     containerd: Containerd,
     image: String,
     _registry: Registry,
-    _scratch: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+}
+
+/// The CRI pod network of a test's containerd: its own bridge and addresses, since tests run
+/// side by side.
+struct Network {
+    name: &'static str,
+    bridge: &'static str,
+    prefix: &'static str,
 }
 
 impl Setup {
-    fn start() -> Setup {
-        crx_test_support::require_tools();
+    fn start(network: Network) -> Setup {
         // Sockets and containerd's overlay snapshots cannot live on the test host's 9p /tmp.
         let scratch = tempfile::Builder::new()
             .prefix("s")
             .tempdir_in("/run")
             .expect("a scratch dir under /run");
-        let layout = scratch.path().join("busybox");
-        crx_test_support::build_busybox_layout(&layout);
-        let registry = Registry::start(&scratch.path().join("registry"), None);
-        registry.push(&layout, "latest", "busybox", None);
+        let registry = crx_test_support::registry_with_busybox_and_pause(scratch.path());
         let config = scratch.path().join("crx.toml");
         std::fs::write(&config, "[runtime]\nboot_timeout_secs = 300\n").expect("crx config");
         let addr = registry.addr();
@@ -63,9 +83,9 @@ impl Setup {
             &ContainerdConfig {
                 registry: &addr,
                 network: BridgeNetwork {
-                    name: "shim-test",
-                    bridge: "cxshim0",
-                    prefix: "10.89.43",
+                    name: network.name,
+                    bridge: network.bridge,
+                    prefix: network.prefix,
                     dns: None,
                 },
                 runtimes: &[ExtraRuntime {
@@ -87,7 +107,7 @@ impl Setup {
             containerd,
             image,
             _registry: registry,
-            _scratch: scratch,
+            scratch,
         }
     }
 
@@ -105,6 +125,29 @@ impl Setup {
             vm_logs()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// crictl against containerd's CRI.
+    fn crictl(&self, args: &[&str]) -> Output {
+        std::process::Command::new(crictl_binary())
+            .args(["--runtime-endpoint", &self.containerd.endpoint()])
+            .args(["--image-endpoint", &self.containerd.endpoint()])
+            .args(["--timeout", "300s"])
+            .args(args)
+            .output()
+            .expect("run crictl")
+    }
+
+    fn crictl_ok(&self, args: &[&str]) -> String {
+        let out = self.crictl(args);
+        assert!(
+            out.status.success(),
+            "crictl {args:?}: {}\ncontainerd:\n{}\n{}",
+            text(&out),
+            self.containerd.log(),
+            vm_logs()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// The status column of `ctr task ls` for `id`.
@@ -142,7 +185,11 @@ fn ctr_runs_containers_in_crx_vms() {
     if !crx_testhost::vm_test_here!() {
         return;
     }
-    let s = Setup::start();
+    let s = Setup::start(Network {
+        name: "shim-ctr",
+        bridge: "cxshimctr0",
+        prefix: "10.89.43",
+    });
 
     // A one-shot container: its output, its exit code, the guest kernel's command line.
     let out = s.ctr(&[
@@ -241,4 +288,104 @@ fn ctr_runs_containers_in_crx_vms() {
         !sandbox_exists("daemon"),
         "the pod VM's sandbox outlived its last task"
     );
+}
+
+#[test]
+fn crictl_runs_a_pod_through_containerd_in_a_crx_vm() {
+    if !crx_testhost::vm_test_here!() {
+        return;
+    }
+    let s = Setup::start(Network {
+        name: "shim-cri",
+        bridge: "cxshimcri0",
+        prefix: "10.89.44",
+    });
+    let dir = s.scratch.path().join("crictl");
+    std::fs::create_dir_all(dir.join("logs")).expect("a log directory");
+    let pod_json = dir.join("pod.json");
+    std::fs::write(
+        &pod_json,
+        serde_json::json!({
+            "metadata": {"name": "shim-pod", "namespace": "default", "uid": "shim-pod-uid"},
+            "hostname": "shim-pod",
+            "log_directory": dir.join("logs"),
+            "linux": {},
+        })
+        .to_string(),
+    )
+    .expect("pod.json");
+    let container_json = dir.join("container.json");
+    std::fs::write(
+        &container_json,
+        serde_json::json!({
+            "metadata": {"name": "main"},
+            "image": {"image": s.image},
+            "command": ["sh", "-c", "echo started in $(hostname); exec sleep 1000"],
+            "log_path": "main.log",
+        })
+        .to_string(),
+    )
+    .expect("container.json");
+
+    s.crictl_ok(&["pull", &s.image]);
+    let pod = s.crictl_ok(&["runp", "--runtime", "crx", pod_json.to_str().unwrap()]);
+    let pod_ip = s.crictl_ok(&[
+        "inspectp",
+        "--output",
+        "go-template",
+        "--template",
+        "{{.status.network.ip}}",
+        &pod,
+    ]);
+    assert!(
+        pod_ip.starts_with("10.89.44."),
+        "the pod's IP from containerd's CNI: {pod_ip:?}"
+    );
+    let container = s.crictl_ok(&[
+        "create",
+        &pod,
+        container_json.to_str().unwrap(),
+        pod_json.to_str().unwrap(),
+    ]);
+    s.crictl_ok(&["start", &container]);
+
+    // The container runs in the pod VM, whose interface has the address CNI gave the pod.
+    let cmdline = s.crictl_ok(&["exec", "-s", &container, "cat", "/proc/cmdline"]);
+    assert!(
+        cmdline.contains("rdinit="),
+        "not the pod VM's kernel: {cmdline}"
+    );
+    let addresses = s.crictl_ok(&["exec", "-s", &container, "ip", "-4", "addr", "show", "eth0"]);
+    assert!(
+        addresses.contains(&format!("inet {pod_ip}/")),
+        "the guest's eth0: {addresses}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = s.crictl_ok(&["logs", &container]);
+        if logs.contains("started in shim-pod") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the container's log: {logs:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let vm = pod_vm_of(&pod);
+    assert!(
+        Path::new(SANDBOXES).join(&vm).exists(),
+        "no pod VM sandbox {vm}"
+    );
+
+    s.crictl_ok(&["stop", &container]);
+    s.crictl_ok(&["rm", &container]);
+    s.crictl_ok(&["stopp", &pod]);
+    s.crictl_ok(&["rmp", &pod]);
+    assert!(
+        !Path::new(SANDBOXES).join(&vm).exists(),
+        "the pod VM outlived its pod"
+    );
+}
+
+/// The sandbox id the shim gives the pod VM of CRI pod `pod` (its first 32 characters).
+fn pod_vm_of(pod: &str) -> String {
+    pod.chars().take(32).collect()
 }

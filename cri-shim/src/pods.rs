@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crx_image::Store;
-use crx_runtime::network::NetworkConfig;
+use crx_runtime::network::{NetworkConfig, PodNetwork};
 use crx_runtime::sandbox::{GuestSettings, Sandbox, SandboxConfig, SandboxError};
 use k8s_cri::v1 as cri;
 use tonic::Status;
@@ -215,7 +215,7 @@ impl Runtime {
                 POD_LABEL.to_owned(),
                 format!("{}/{}", meta.namespace, meta.name),
             )]),
-            network,
+            network: network.map(PodNetwork::Cni),
             container_share: true,
             template: self.config.runtime.templates,
         };

@@ -18,7 +18,7 @@ use crx_image::{ImageRecord, Store};
 use oci_spec::runtime::Spec;
 
 use crate::agent::{AgentClient, AgentError};
-use crate::network::NetworkConfig;
+use crate::network::{NetworkConfig, PodNetwork};
 use crate::sandbox::{GuestSettings, Sandbox, SandboxConfig, SandboxError, Share};
 use crate::share::{self, ShareError, Volume, CONTAINERS_TAG};
 use crate::spec::{container_spec, ProcessOverrides, SpecError};
@@ -102,7 +102,7 @@ fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
         }],
         vmm: request.vmm.clone(),
         labels: BTreeMap::new(),
-        network: request.network.clone(),
+        network: request.network.clone().map(PodNetwork::Cni),
         container_share: false,
         template: request.template,
     }

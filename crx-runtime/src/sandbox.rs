@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crx_agent_proto::{ConfigureSandbox, Dns, Interface};
 
 use crate::agent::{AgentClient, AgentError};
-use crate::network::{self, NetworkConfig, NetworkError, NetworkState};
+use crate::network::{self, NetworkError, NetworkState, PodNetwork};
 use crate::share::{self, ShareError, CONTAINERS_TAG};
 use crate::template;
 
@@ -123,8 +123,8 @@ pub struct SandboxConfig {
     pub vmm: PathBuf,
     /// Free-form facts kept with the sandbox (the image it runs, the command, …).
     pub labels: BTreeMap<String, String>,
-    /// A pod network (CNI) for the VM's one network interface; `None`: no network device.
-    pub network: Option<NetworkConfig>,
+    /// The pod network of the VM's one network interface; `None`: no network device.
+    pub network: Option<PodNetwork>,
     /// Whether the VM gets the container share ([`crate::share`], tag
     /// [`CONTAINERS_TAG`]), into which containers' roots and volumes are mounted while it runs.
     pub container_share: bool,
@@ -256,15 +256,16 @@ impl Sandbox {
                 let _ = fs::remove_dir_all(&dir);
             }
         };
-        let network = match &config.network {
-            Some(net) => match network::setup(net, &config.id) {
-                Ok(attached) => Some(attached),
-                Err(e) => {
-                    undo_share();
-                    return Err(network_error(e));
-                }
-            },
-            None => None,
+        let attached = config.network.as_ref().map(|net| match net {
+            PodNetwork::Cni(cni) => network::setup(cni, &config.id),
+            PodNetwork::Join { netns, ifname } => network::join(netns, ifname, &config.id),
+        });
+        let network = match attached.transpose() {
+            Ok(network) => network,
+            Err(e) => {
+                undo_share();
+                return Err(network_error(e));
+            }
         };
         let network_state = network.as_ref().map(|(state, _)| state.clone());
         match Self::spawn_from_template(run_root, &dir, config, network, container_share.clone()) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crx_agent_proto::{ExecProcess, ExitKind, Rootfs, User};
 use crx_image::{RegistryConfig, Store};
 use crx_runtime::agent::{AgentClient, StdioAttachment};
-use crx_runtime::network::{self, NetworkConfig};
+use crx_runtime::network::{self, NetworkConfig, PodNetwork};
 use crx_runtime::sandbox::{GuestSettings, Sandbox, SandboxConfig, Share};
 use crx_runtime::spec::{container_spec, ProcessOverrides};
 use crx_test_support::cni::{BridgeNetwork, CNI_BIN};
@@ -159,7 +159,10 @@ fn cni_setup_joins_a_tap_to_the_veth_and_teardown_undoes_everything() {
     let (state, tap) = network::setup(&net.config(), id).expect("network setup");
     println!("network state: {state:?}");
     assert_eq!(state.netns, Path::new("/run/netns/crx-nettest-up"));
-    assert_eq!(state.list.name, "crx-nettest-up");
+    assert_eq!(
+        state.list.as_ref().map(|l| l.name.as_str()),
+        Some("crx-nettest-up")
+    );
     let [address] = state.guest.addresses.as_slice() else {
         panic!("one address expected: {:?}", state.guest.addresses)
     };
@@ -270,7 +273,7 @@ fn sandbox_config(id: &str, net: &TestNetwork, rootfs: Option<PathBuf>) -> Sandb
             .collect(),
         vmm: vmm_binary(),
         labels: BTreeMap::new(),
-        network: Some(net.config()),
+        network: Some(PodNetwork::Cni(net.config())),
         container_share: false,
         template: false,
     }

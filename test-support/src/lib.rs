@@ -87,6 +87,36 @@ pub fn spawn_listening(cmd: &mut Command, log: &Path, socket: &Path) -> Child {
     child
 }
 
+/// A registry under `dir` holding the bundled busybox as `busybox:latest` and a pause image
+/// (the same layer, sleeping) as `pause:pause`, the sandbox image of a containerd under test.
+pub fn registry_with_busybox_and_pause(dir: &Path) -> Registry {
+    require_tools();
+    let layout = dir.join("busybox");
+    build_busybox_layout(&layout);
+    let pause = Command::new("umoci")
+        .args(["config", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .args([
+            "--tag",
+            "pause",
+            "--config.entrypoint",
+            "/bin/sleep",
+            "--config.cmd",
+            "2147483647",
+        ])
+        .output()
+        .expect("run umoci");
+    assert!(
+        pause.status.success(),
+        "umoci config: {}",
+        String::from_utf8_lossy(&pause.stderr)
+    );
+    let registry = Registry::start(&dir.join("registry"), None);
+    registry.push(&layout, "latest", "busybox", None);
+    registry.push(&layout, "pause", "pause", None);
+    registry
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

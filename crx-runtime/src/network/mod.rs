@@ -9,13 +9,17 @@
 //! [`teardown`] runs CNI DEL with the cached ADD result and removes the namespace, and may be
 //! repeated — a VMM that died, a namespace already gone, an address already released are all
 //! fine. The tap needs no teardown: it lives as long as the VMM holds it.
+//!
+//! A namespace made and configured by someone else (containerd's CRI, whose pods run through
+//! `containerd-shim-crx-v2`) is joined instead ([`join`]): the tap beside its interface, the
+//! same guest configuration, nothing to tear down.
 
 pub mod cni;
 pub mod link;
 pub mod netns;
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crx_agent_proto::{ConfigureSandbox, Dns, Interface, Route};
 use rscni_types::types::{CNIResultWithVersion, NetConfList};
@@ -78,6 +82,15 @@ impl Default for NetworkConfig {
     }
 }
 
+/// Where a pod VM's network interface comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// A namespace of the sandbox's own, CNI ADD in it ([`setup`]).
+    Cni(NetworkConfig),
+    /// An interface in a namespace someone else made ([`join`]).
+    Join { netns: PathBuf, ifname: String },
+}
+
 /// A pod's network as set up: all that [`teardown`] needs and what the guest gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkState {
@@ -87,8 +100,9 @@ pub struct NetworkState {
     pub args: Vec<(String, String)>,
     pub bin_dirs: Vec<PathBuf>,
     /// The configuration list ADD ran with (DEL runs with the same, whatever the directory
-    /// holds by then).
-    pub list: NetConfList,
+    /// holds by then); `None`: the namespace and its interface were made by someone else (see
+    /// [`join`]), who also tears them down.
+    pub list: Option<NetConfList>,
     /// The chain's ADD result, as the last plugin printed it.
     pub result: serde_json::Value,
     pub guest: GuestInterface,
@@ -157,6 +171,7 @@ pub fn netns_name(id: &str) -> String {
 /// Returns the state and the tap's descriptor for the VMM. On failure nothing is left.
 pub fn setup(config: &NetworkConfig, id: &str) -> Result<(NetworkState, OwnedFd), NetworkError> {
     let list = cni::load(&config.conf_dir, config.network.as_deref())?;
+    let list_copy = list.clone();
     let path = config.netns_dir.join(netns_name(id));
     netns::create(&config.netns_dir, &netns_name(id)).map_err(|source| NetworkError::Netns {
         path: path.clone(),
@@ -168,7 +183,7 @@ pub fn setup(config: &NetworkConfig, id: &str) -> Result<(NetworkState, OwnedFd)
         ifname: config.ifname.clone(),
         args: config.args.clone(),
         bin_dirs: config.bin_dirs.clone(),
-        list,
+        list: Some(list),
         result: serde_json::Value::Null,
         guest: GuestInterface {
             mac: String::new(),
@@ -178,21 +193,21 @@ pub fn setup(config: &NetworkConfig, id: &str) -> Result<(NetworkState, OwnedFd)
         },
     };
     let attached = (|| {
-        state.result = cni::add(&state.list, &state.attachment())?;
+        state.result = cni::add(&list_copy, &state.attachment())?;
         let (tap, guest) = link::attach(&state.netns, &state.ifname)?;
         state.guest = guest;
         Ok(tap)
     })();
     match attached {
         Ok(tap) => {
-            tracing::info!(id, netns = %state.netns.display(), network = %state.list.name,
+            tracing::info!(id, netns = %state.netns.display(), network = %list_copy.name,
                 addresses = ?state.guest.addresses, "pod network up");
             Ok((state, tap))
         }
         Err(e) => {
             // Nothing records this attempt, so it is undone completely now: the namespace
             // goes even if a plugin's DEL failed.
-            let undone = cni::del(&state.list, &state.attachment(), state.cached_result())
+            let undone = cni::del(&list_copy, &state.attachment(), state.cached_result())
                 .map_err(NetworkError::from)
                 .and(remove_netns(&state.netns));
             if let Err(undo) = undone {
@@ -203,10 +218,33 @@ pub fn setup(config: &NetworkConfig, id: &str) -> Result<(NetworkState, OwnedFd)
     }
 }
 
+/// Joins the network namespace at `netns` that someone else (containerd's CRI) made and
+/// configured: a tap beside its interface `ifname`, joined to it, for sandbox `id`. Tearing
+/// it down is theirs; [`teardown`] leaves it alone.
+pub fn join(netns: &Path, ifname: &str, id: &str) -> Result<(NetworkState, OwnedFd), NetworkError> {
+    let (tap, guest) = link::attach(netns, ifname)?;
+    tracing::info!(id, netns = %netns.display(), addresses = ?guest.addresses, "joined a pod network");
+    let state = NetworkState {
+        netns: netns.to_owned(),
+        container_id: id.to_owned(),
+        ifname: ifname.to_owned(),
+        args: Vec::new(),
+        bin_dirs: Vec::new(),
+        list: None,
+        result: serde_json::Value::Null,
+        guest,
+    };
+    Ok((state, tap))
+}
+
 /// CNI DEL (with the cached ADD result), then the namespace goes. Repeatable: when DEL fails
-/// the namespace stays, so that a later teardown can run DEL in it again.
+/// the namespace stays, so that a later teardown can run DEL in it again. A network the
+/// sandbox only joined ([`join`]) is left as it is.
 pub fn teardown(state: &NetworkState) -> Result<(), NetworkError> {
-    cni::del(&state.list, &state.attachment(), state.cached_result())?;
+    let Some(list) = &state.list else {
+        return Ok(());
+    };
+    cni::del(list, &state.attachment(), state.cached_result())?;
     remove_netns(&state.netns)?;
     tracing::info!(id = %state.container_id, "pod network removed");
     Ok(())
@@ -230,10 +268,12 @@ mod tests {
             ifname: "eth0".into(),
             args: Vec::new(),
             bin_dirs: vec!["/usr/lib/cni".into()],
-            list: serde_json::from_str(
-                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#,
-            )
-            .unwrap(),
+            list: Some(
+                serde_json::from_str(
+                    r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#,
+                )
+                .unwrap(),
+            ),
             result,
             guest: GuestInterface {
                 mac: "0a:58:0a:00:00:05".into(),
