@@ -8,10 +8,12 @@
 //! - [`remotecommand`]: one exec or attach session's streams, and the status it ends with.
 //! - [`portforward`]: one port forwarding session's connections.
 //! - [`server`]: the listener, the one-time URLs and the upgrade.
+//! - `dispatch`: the frame reader loop both sessions share, routing stream events to each.
 //!
 //! What runs the command, or reaches the port, is the caller's [`Handler`]; this crate knows
 //! nothing of VMs.
 
+mod dispatch;
 pub mod portforward;
 pub mod remotecommand;
 pub mod server;

@@ -13,7 +13,8 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use crate::spdy::{Frame, FrameReader, FrameWriter, RST_REFUSED_STREAM};
+use crate::dispatch::{self, Router};
+use crate::spdy::{FrameWriter, RST_REFUSED_STREAM};
 use crate::{lock, Handler, PortConnection, SharedWriter, StreamingError};
 
 /// The protocol this server speaks for port forwarding, named in `X-Stream-Protocol-Version`.
@@ -46,105 +47,108 @@ pub fn serve(
     handler: &Arc<dyn Handler>,
 ) -> Result<(), StreamingError> {
     let writer: SharedWriter = Arc::new(std::sync::Mutex::new(FrameWriter::new(conn.try_clone()?)));
-    let mut frames = FrameReader::new(conn.try_clone()?);
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
-    // Each data stream's inbound bytes, for the thread forwarding it; dropping the sender is
-    // the client's half-close.
-    let mut routes: HashMap<u32, Sender<Inbound>> = HashMap::new();
-    while let Ok(Some(frame)) = frames.next_frame() {
-        let answered = match frame {
-            Frame::SynStream {
-                stream_id, headers, ..
-            } => {
-                let header = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| v.clone())
-                };
-                let kind = header("streamtype").unwrap_or_default();
-                if kind != "error" && kind != "data" {
-                    lock(&writer).rst_stream(stream_id, RST_REFUSED_STREAM)
-                } else {
-                    // Clients older than the requestID header open error then data streams
-                    // with consecutive odd ids (kubelet pairs them the same way).
-                    let request_id = header("requestid").unwrap_or_else(|| {
-                        let id = if kind == "data" {
-                            stream_id.saturating_sub(2)
-                        } else {
-                            stream_id
-                        };
-                        id.to_string()
-                    });
-                    let pair = pairs.entry(request_id.clone()).or_default();
-                    pair.port = header("port").and_then(|p| p.parse().ok());
-                    if kind == "error" {
-                        pair.error_stream = Some(stream_id);
-                    } else {
-                        pair.data_stream = Some(stream_id);
-                    }
-                    let replied = lock(&writer).syn_reply(stream_id);
-                    if let (Some(error_stream), Some(data_stream)) =
-                        (pair.error_stream, pair.data_stream)
-                    {
-                        let port = pair.port;
-                        pairs.remove(&request_id);
-                        let (tx, rx) = mpsc::channel();
-                        routes.insert(data_stream, tx);
-                        let forward = Forward {
-                            writer: Arc::clone(&writer),
-                            error_stream,
-                            data_stream,
-                        };
-                        let port = check_port(port, ports);
-                        let (sandbox_id, handler) = (sandbox_id.to_owned(), Arc::clone(handler));
-                        let spawned = std::thread::Builder::new()
-                            .name("port-forward".into())
-                            .spawn(move || forward.run(&*handler, &sandbox_id, port, rx));
-                        if let Err(e) = spawned {
-                            tracing::warn!("cannot start a port forwarding thread: {e}");
-                            routes.remove(&data_stream);
-                        }
-                    }
-                    replied
-                }
-            }
-            Frame::Data {
-                stream_id,
-                fin,
-                data,
-            } => {
-                if let Some(route) = routes.get(&stream_id) {
-                    if !data.is_empty() {
-                        let _ = route.send(Inbound::Data(data));
-                    }
-                }
-                if fin {
-                    routes.remove(&stream_id);
-                }
-                Ok(())
-            }
-            Frame::RstStream { stream_id, .. } => {
-                if let Some(route) = routes.remove(&stream_id) {
-                    let _ = route.send(Inbound::Reset);
-                }
-                Ok(())
-            }
-            Frame::Ping { id } => lock(&writer).ping(id),
-            Frame::GoAway => break,
-            Frame::SynReply { .. } | Frame::Ignored { .. } => Ok(()),
-        };
-        if let Err(e) = answered {
-            tracing::debug!("port forwarding connection: writing: {e}");
-            break;
-        }
-    }
+    let mut forwards = Forwards {
+        writer: &writer,
+        sandbox_id,
+        ports,
+        handler,
+        pairs: HashMap::new(),
+        routes: HashMap::new(),
+    };
+    let label = "port forwarding connection";
+    dispatch::read_frames(conn.try_clone()?, &writer, &mut forwards, label);
     // The connection is gone: every forward still running sees its client reset.
-    for (_, route) in routes.drain() {
+    for (_, route) in forwards.routes.drain() {
         let _ = route.send(Inbound::Reset);
     }
     let _ = conn.shutdown(Shutdown::Both);
     Ok(())
+}
+
+/// The session's routing: pairs the streams by request, starts a forward per complete pair,
+/// and routes each data stream's frames to its forward.
+struct Forwards<'a> {
+    writer: &'a SharedWriter,
+    sandbox_id: &'a str,
+    ports: &'a [u16],
+    handler: &'a Arc<dyn Handler>,
+    pairs: HashMap<String, Pair>,
+    /// Each data stream's inbound bytes, for the thread forwarding it; dropping the sender is
+    /// the client's half-close.
+    routes: HashMap<u32, Sender<Inbound>>,
+}
+
+impl Router for Forwards<'_> {
+    fn on_stream(&mut self, stream_id: u32, headers: &[(String, String)]) -> io::Result<()> {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let kind = header("streamtype").unwrap_or_default();
+        if kind != "error" && kind != "data" {
+            return lock(self.writer).rst_stream(stream_id, RST_REFUSED_STREAM);
+        }
+        // Clients older than the requestID header open error then data streams with
+        // consecutive odd ids (kubelet pairs them the same way).
+        let request_id = header("requestid").unwrap_or_else(|| {
+            let id = if kind == "data" {
+                stream_id.saturating_sub(2)
+            } else {
+                stream_id
+            };
+            id.to_string()
+        });
+        let pair = self.pairs.entry(request_id.clone()).or_default();
+        pair.port = header("port").and_then(|p| p.parse().ok());
+        if kind == "error" {
+            pair.error_stream = Some(stream_id);
+        } else {
+            pair.data_stream = Some(stream_id);
+        }
+        let replied = lock(self.writer).syn_reply(stream_id);
+        if let (Some(error_stream), Some(data_stream)) = (pair.error_stream, pair.data_stream) {
+            let port = pair.port;
+            self.pairs.remove(&request_id);
+            let (tx, rx) = mpsc::channel();
+            self.routes.insert(data_stream, tx);
+            let forward = Forward {
+                writer: Arc::clone(self.writer),
+                error_stream,
+                data_stream,
+            };
+            let port = check_port(port, self.ports);
+            let (sandbox_id, handler) = (self.sandbox_id.to_owned(), Arc::clone(self.handler));
+            let spawned = std::thread::Builder::new()
+                .name("port-forward".into())
+                .spawn(move || forward.run(&*handler, &sandbox_id, port, rx));
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a port forwarding thread: {e}");
+                self.routes.remove(&data_stream);
+            }
+        }
+        replied
+    }
+
+    fn on_data(&mut self, stream_id: u32, data: Vec<u8>) -> io::Result<()> {
+        if let Some(route) = self.routes.get(&stream_id) {
+            if !data.is_empty() {
+                let _ = route.send(Inbound::Data(data));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_fin(&mut self, stream_id: u32) {
+        self.routes.remove(&stream_id);
+    }
+
+    fn on_reset(&mut self, stream_id: u32) {
+        if let Some(route) = self.routes.remove(&stream_id) {
+            let _ = route.send(Inbound::Reset);
+        }
+    }
 }
 
 /// The port a pair asked for, if it may have it.

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::spdy::{Frame, FrameReader, FrameWriter, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM};
+use crate::dispatch::{self, Router};
+use crate::spdy::{FrameWriter, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM};
 use crate::{lock, Handler, Request, SharedWriter, StreamingError};
 
 /// The protocol this server speaks, named in `X-Stream-Protocol-Version`.
@@ -133,7 +134,14 @@ pub fn serve(
         std::thread::Builder::new()
             .name("spdy-reader".into())
             .spawn(move || {
-                read_frames(conn, &writer, &opened_tx);
+                let mut channels = Channels {
+                    writer: &writer,
+                    opened: &opened_tx,
+                    routes: HashMap::new(),
+                };
+                dispatch::read_frames(conn, &writer, &mut channels, "streaming connection");
+                // Dropping the routes closes stdin and the resize channel before the hangup shows.
+                drop(channels);
                 hangup.0.store(true, Ordering::SeqCst);
             })?
     };
@@ -230,95 +238,73 @@ fn streams_for(
     Ok((streams, error_stream))
 }
 
-/// The reader thread: answers stream openings and pings, routes stdin and resize data, and
-/// ends at the connection's end (which closes stdin and the resize channel).
-fn read_frames(conn: TcpStream, writer: &SharedWriter, opened: &Sender<Opened>) {
-    let mut frames = FrameReader::new(conn);
-    let mut routes: HashMap<u32, Route> = HashMap::new();
-    loop {
-        let frame = match frames.next_frame() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!("streaming connection: {e}");
-                return;
-            }
-        };
-        let answered = match frame {
-            Frame::SynStream {
-                stream_id, headers, ..
-            } => {
-                let kind = headers
-                    .iter()
-                    .find(|(name, _)| name == "streamtype")
-                    .map(|(_, value)| value.clone())
-                    .unwrap_or_default();
-                if !["error", "stdin", "stdout", "stderr", "resize"].contains(&kind.as_str()) {
-                    lock(writer).rst_stream(stream_id, RST_REFUSED_STREAM)
-                } else {
-                    let mut stream = Opened {
-                        kind,
-                        stream_id,
-                        stdin: None,
-                        resize: None,
-                    };
-                    match stream.kind.as_str() {
-                        "stdin" => {
-                            let (tx, rx) = mpsc::channel();
-                            routes.insert(stream_id, Route::Stdin(tx));
-                            stream.stdin = Some(rx);
-                        }
-                        "resize" => {
-                            let (tx, rx) = mpsc::channel();
-                            routes.insert(stream_id, Route::Resize(tx, Vec::new()));
-                            stream.resize = Some(rx);
-                        }
-                        _ => {}
-                    }
-                    let replied = lock(writer).syn_reply(stream_id);
-                    let _ = opened.send(stream);
-                    replied
-                }
-            }
-            Frame::Data {
-                stream_id,
-                fin,
-                data,
-            } => {
-                let broken = match routes.get_mut(&stream_id) {
-                    Some(Route::Stdin(tx)) => {
-                        let _ = tx.send(data);
-                        false
-                    }
-                    Some(Route::Resize(tx, buffer)) => {
-                        buffer.extend_from_slice(&data);
-                        !forward_sizes(buffer, tx)
-                    }
-                    None => false,
-                };
-                if fin {
-                    routes.remove(&stream_id);
-                }
-                if broken {
-                    routes.remove(&stream_id);
-                    lock(writer).rst_stream(stream_id, RST_PROTOCOL_ERROR)
-                } else {
-                    Ok(())
-                }
-            }
-            Frame::RstStream { stream_id, .. } => {
-                routes.remove(&stream_id);
-                Ok(())
-            }
-            Frame::Ping { id } => lock(writer).ping(id),
-            Frame::GoAway => return,
-            // A client opens the streams; it has nothing to accept.
-            Frame::SynReply { .. } | Frame::Ignored { .. } => Ok(()),
-        };
-        if let Err(e) = answered {
-            tracing::debug!("streaming connection: writing: {e}");
-            return;
+/// The session's routing: answers stream openings, tells the session of each, and routes
+/// stdin and resize data.
+struct Channels<'a> {
+    writer: &'a SharedWriter,
+    opened: &'a Sender<Opened>,
+    routes: HashMap<u32, Route>,
+}
+
+impl Router for Channels<'_> {
+    fn on_stream(&mut self, stream_id: u32, headers: &[(String, String)]) -> io::Result<()> {
+        let kind = headers
+            .iter()
+            .find(|(name, _)| name == "streamtype")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        if !["error", "stdin", "stdout", "stderr", "resize"].contains(&kind.as_str()) {
+            return lock(self.writer).rst_stream(stream_id, RST_REFUSED_STREAM);
         }
+        let mut stream = Opened {
+            kind,
+            stream_id,
+            stdin: None,
+            resize: None,
+        };
+        match stream.kind.as_str() {
+            "stdin" => {
+                let (tx, rx) = mpsc::channel();
+                self.routes.insert(stream_id, Route::Stdin(tx));
+                stream.stdin = Some(rx);
+            }
+            "resize" => {
+                let (tx, rx) = mpsc::channel();
+                self.routes.insert(stream_id, Route::Resize(tx, Vec::new()));
+                stream.resize = Some(rx);
+            }
+            _ => {}
+        }
+        let replied = lock(self.writer).syn_reply(stream_id);
+        let _ = self.opened.send(stream);
+        replied
+    }
+
+    fn on_data(&mut self, stream_id: u32, data: Vec<u8>) -> io::Result<()> {
+        let broken = match self.routes.get_mut(&stream_id) {
+            Some(Route::Stdin(tx)) => {
+                let _ = tx.send(data);
+                false
+            }
+            Some(Route::Resize(tx, buffer)) => {
+                buffer.extend_from_slice(&data);
+                !forward_sizes(buffer, tx)
+            }
+            None => false,
+        };
+        if broken {
+            self.routes.remove(&stream_id);
+            return lock(self.writer).rst_stream(stream_id, RST_PROTOCOL_ERROR);
+        }
+        Ok(())
+    }
+
+    fn on_fin(&mut self, stream_id: u32) {
+        self.routes.remove(&stream_id);
+    }
+
+    fn on_reset(&mut self, stream_id: u32) {
+        self.routes.remove(&stream_id);
     }
 }
 
