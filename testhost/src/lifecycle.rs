@@ -107,7 +107,9 @@ pub fn running(settings: &Settings, _lock: &RunLock) -> Result<Option<RunningHos
         qemu_pid: instance.pid,
         port: instance.agent.port,
         run_dir: settings.run_dir.clone(),
-        status: client::ping(&instance.agent, true, health_timeout(settings)),
+        // A display, not a health check: a busy L1 (its VM tests creating VMs under emulation)
+        // can take longer than the health timeout to create the probe's VM.
+        status: client::ping(&instance.agent, true, settings.hang_timeout),
     }))
 }
 
