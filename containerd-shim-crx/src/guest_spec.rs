@@ -1,12 +1,14 @@
 //! A containerd bundle's OCI spec made fit for the guest. Its bind mounts name host paths
 //! (the CRI's `/etc/hosts`, `/etc/resolv.conf`, volumes, …): they become volumes of the
 //! container share, carried into the VM over virtio-fs, and leave the spec; the pod's
-//! `/dev/shm`, a host tmpfs, becomes a tmpfs of the guest.
+//! `/dev/shm`, a host tmpfs, becomes a tmpfs of the guest. A pid namespace the spec joins by
+//! host path (containerd's CRI joins a pod's containers to its sandbox's) becomes the guest's
+//! pod pid namespace.
 
 use std::path::PathBuf;
 
 use crx_runtime::share::{Propagation, Volume};
-use oci_spec::runtime::{Mount, MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
 
 /// Why a spec cannot run in the guest.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,15 @@ pub fn for_guest(mut spec: Spec) -> Result<(Spec, Vec<Volume>), GuestSpecError> 
         });
     }
     spec.set_mounts(Some(mounts));
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            for ns in namespaces.iter_mut() {
+                if ns.typ() == LinuxNamespaceType::Pid && ns.path().is_some() {
+                    ns.set_path(Some(crx_agent_proto::POD_PID_NAMESPACE.into()));
+                }
+            }
+        }
+    }
     Ok((spec, volumes))
 }
 
@@ -89,6 +100,23 @@ mod tests {
             "mounts": mounts,
         }))
         .expect("spec")
+    }
+
+    #[test]
+    fn a_pid_namespace_joined_by_host_path_becomes_the_pods() {
+        let mut shared = spec(serde_json::json!([]));
+        let linux = serde_json::from_value(serde_json::json!({"namespaces": [
+            {"type": "pid", "path": "/proc/4242/ns/pid"}, {"type": "mount"}
+        ]}))
+        .unwrap();
+        shared.set_linux(Some(linux));
+        let (spec, _) = for_guest(shared).expect("converts");
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert_eq!(
+            namespaces[0].path().as_deref(),
+            Some(std::path::Path::new(crx_agent_proto::POD_PID_NAMESPACE))
+        );
+        assert_eq!(namespaces[1].path(), &None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Containers for the CRI, several per pod VM, on crx-runtime's pod functions: CreateContainer
 //! (the image from the store, leased; its root mounted into the pod's container share; the
 //! OCI spec from the image and the CRI config: command, args, env, working dir, user, memory
-//! limit, terminal), StartContainer (stdio attached, then one thread per container copies its
+//! limit, terminal, security context), StartContainer (stdio attached, then one thread per container copies its
 //! output into the CRI log file and records its exit: code, `Completed`/`Error`/`OOMKilled`),
 //! StopContainer (SIGTERM, SIGKILL after the timeout), RemoveContainer, ContainerStatus,
 //! ListContainers, ExecSync (a process in the container, its output and exit code, a timeout)
@@ -18,7 +18,7 @@ use crx_runtime::agent::{AgentClient, Output, StdioAttachment};
 use crx_runtime::pod::{add_container, exit_code, remove_container, stop_container};
 use crx_runtime::sandbox::Sandbox;
 use crx_runtime::share::{Propagation, Volume};
-use crx_runtime::spec::{exec_env, ProcessOverrides};
+use crx_runtime::spec::{exec_env, PidNamespace, ProcessOverrides, SecurityContext};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder,
@@ -99,6 +99,51 @@ pub(crate) struct Exec {
     pub attachment: StdioAttachment,
 }
 
+/// The confinement of a container from its CRI security context, with containerd's reading
+/// of each field: masked and read-only path lists that are empty keep the defaults, a pid
+/// namespace mode of NODE is the VM's (the pod VM is what its containers see as the node).
+fn security_context(
+    security: &cri::LinuxContainerSecurityContext,
+) -> Result<SecurityContext, Status> {
+    let capabilities = security.capabilities.clone().unwrap_or_default();
+    let namespaces = security.namespace_options.clone().unwrap_or_default();
+    let pid_namespace = match namespaces.pid() {
+        cri::NamespaceMode::Pod => PidNamespace::Pod,
+        cri::NamespaceMode::Container => PidNamespace::Container,
+        cri::NamespaceMode::Node => PidNamespace::Vm,
+        cri::NamespaceMode::Target if !namespaces.target_id.is_empty() => {
+            PidNamespace::Target(namespaces.target_id.clone())
+        }
+        cri::NamespaceMode::Target => {
+            return Err(Status::invalid_argument(
+                "pid namespace mode TARGET needs a target_id",
+            ))
+        }
+    };
+    let groups = security
+        .supplemental_groups
+        .iter()
+        .map(|&g| {
+            u32::try_from(g).map_err(|_| {
+                Status::invalid_argument(format!("supplemental group {g} is out of range"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let paths = |list: &Vec<String>| (!list.is_empty()).then(|| list.clone());
+    Ok(SecurityContext {
+        privileged: security.privileged,
+        add_capabilities: capabilities.add_capabilities,
+        drop_capabilities: capabilities.drop_capabilities,
+        readonly_rootfs: security.readonly_rootfs,
+        masked_paths: paths(&security.masked_paths),
+        readonly_paths: paths(&security.readonly_paths),
+        no_new_privs: security.no_new_privs,
+        supplemental_groups: groups,
+        pid_namespace,
+        seccomp: None,
+    })
+}
+
 impl Runtime {
     /// The running sandbox of pod `pod` and a client of its agent.
     pub(crate) fn agent_of(&self, pod: &str) -> Result<(Sandbox, AgentClient), Status> {
@@ -158,6 +203,14 @@ impl Runtime {
         };
         let linux = config.linux.clone().unwrap_or_default();
         let security = linux.security_context.clone().unwrap_or_default();
+        if security.run_as_group.is_some()
+            && security.run_as_user.is_none()
+            && security.run_as_username.is_empty()
+        {
+            return Err(Status::invalid_argument(
+                "run_as_group needs run_as_user or run_as_username",
+            ));
+        }
         let user = if !security.run_as_username.is_empty() {
             Some(security.run_as_username.clone())
         } else {
@@ -187,6 +240,7 @@ impl Runtime {
             terminal: config.tty,
             hostname: Some(pod.hostname.clone()),
             memory_limit,
+            security: security_context(&security)?,
         };
         let volumes = volumes_of(&config.mounts)?;
         let id = new_id();

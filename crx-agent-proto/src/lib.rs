@@ -100,5 +100,20 @@ pub const STDIO_PORT: u32 = 1025;
 pub const FORWARD_PORT: u32 = 1026;
 /// The largest frame body either side accepts (4 MiB).
 pub const MAX_FRAME_LEN: usize = 4 << 20;
+/// The pod's shared pid namespace, as a `CreateContainer` spec names it: a `pid` entry of
+/// `linux.namespaces` with this path puts the container in the pid namespace all such
+/// containers of the VM share (the agent makes it, with its own PID 1, on first use). Without a
+/// path the container gets a pid namespace of its own; with no `pid` entry it is in the VM's.
+pub const POD_PID_NAMESPACE: &str = "/run/crx/pod/ns/pid";
+
+/// The path that names container `id`'s pid namespace in a `CreateContainer` spec (Kubernetes'
+/// TARGET mode: a debug container joining another's processes); the container must be running.
+pub fn container_pid_namespace(id: &str) -> String {
+    format!("{CONTAINER_NAMESPACES_DIR}/{id}/ns/pid")
+}
+
+/// Where [`container_pid_namespace`] paths start.
+pub const CONTAINER_NAMESPACES_DIR: &str = "/run/crx/containers";
+
 /// How much stdout/stderr/stdin data one frame carries at most.
 pub const STDIO_CHUNK: usize = 64 << 10;

@@ -2,15 +2,18 @@
 //! working directory, user), then what the caller overrides, with user and group names
 //! resolved in the image's own `/etc/passwd` and `/etc/group`. Those files are opened with
 //! `RESOLVE_IN_ROOT`, so an image whose `/etc/passwd` is a link out of its root cannot make
-//! the host read its own.
+//! the host read its own. The security context (capabilities, privileged, read-only root,
+//! masked and read-only paths, no_new_privs, seccomp, the pid namespace) has containerd's
+//! defaults unless the caller says otherwise.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crx_image::RunConfig;
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 
@@ -34,8 +37,180 @@ pub enum SpecError {
         #[source]
         source: std::io::Error,
     },
+    #[error("unknown capability {0:?}")]
+    UnknownCapability(String),
     #[error("invalid spec: {0}")]
     Build(#[from] oci_spec::OciSpecError),
+}
+
+/// The capabilities a container gets by default: containerd's (and Docker's) set.
+const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Which processes a container's processes see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PidNamespace {
+    /// Its own: its main process is PID 1 (Kubernetes' CONTAINER).
+    #[default]
+    Container,
+    /// The one its pod's containers share, whose PID 1 is the agent's pause process (POD).
+    Pod,
+    /// The VM's, where the agent is PID 1 (NODE: a pod VM is the node its containers see).
+    Vm,
+    /// That of the running container with this id (TARGET).
+    Target(String),
+}
+
+/// How a container is confined. The default is containerd's: its default capabilities, the
+/// default masked and read-only paths, a writable root, no seccomp profile, its own pid
+/// namespace.
+#[derive(Debug, Clone, Default)]
+pub struct SecurityContext {
+    /// Every capability, no masked or read-only paths, writable `/sys` and cgroup file system,
+    /// no seccomp profile; devices stay the default set (the VM's are not passed through).
+    pub privileged: bool,
+    /// Added to the default set: names with or without `CAP_`, or `ALL`.
+    pub add_capabilities: Vec<String>,
+    /// Dropped from the default set: names, or `ALL`.
+    pub drop_capabilities: Vec<String>,
+    pub readonly_rootfs: bool,
+    /// Paths hidden from the container; `None` keeps the default list.
+    pub masked_paths: Option<Vec<String>>,
+    /// Paths the container sees read-only; `None` keeps the default list.
+    pub readonly_paths: Option<Vec<String>>,
+    pub no_new_privs: bool,
+    /// Groups added to the process's supplementary groups.
+    pub supplemental_groups: Vec<u32>,
+    pub pid_namespace: PidNamespace,
+    /// The seccomp profile; `None` is unconfined.
+    pub seccomp: Option<LinuxSeccomp>,
+}
+
+impl SecurityContext {
+    /// The capability set the container's processes get.
+    pub fn capabilities(&self) -> Result<Capabilities, SpecError> {
+        let all = || -> Result<Capabilities, SpecError> {
+            caps::all()
+                .iter()
+                .map(|c| parse_capability(&c.to_string()))
+                .collect()
+        };
+        if self.privileged {
+            return all();
+        }
+        let mut set: Capabilities = DEFAULT_CAPABILITIES.into_iter().collect();
+        let is_all = |name: &String| name.eq_ignore_ascii_case("ALL");
+        // containerd's order: ALL added, ALL dropped, then each named one added, then each
+        // dropped (so `drop: [ALL], add: [NET_ADMIN]` leaves NET_ADMIN).
+        if self.add_capabilities.iter().any(is_all) {
+            set = all()?;
+        }
+        if self.drop_capabilities.iter().any(is_all) {
+            set.clear();
+        }
+        for name in self.add_capabilities.iter().filter(|n| !is_all(n)) {
+            set.insert(parse_capability(name)?);
+        }
+        for name in self.drop_capabilities.iter().filter(|n| !is_all(n)) {
+            set.remove(&parse_capability(name)?);
+        }
+        Ok(set)
+    }
+
+    fn apply(&self, spec: &mut Spec) -> Result<(), SpecError> {
+        let caps = self.capabilities()?;
+        if let Some(process) = spec.process_mut() {
+            process.set_capabilities(Some(
+                LinuxCapabilitiesBuilder::default()
+                    .bounding(caps.clone())
+                    .effective(caps.clone())
+                    .permitted(caps)
+                    .inheritable(Capabilities::new())
+                    .ambient(Capabilities::new())
+                    .build()?,
+            ));
+            process.set_no_new_privileges(Some(self.no_new_privs && !self.privileged));
+            let user = process.user_mut();
+            let mut groups = user.additional_gids().clone().unwrap_or_default();
+            for gid in &self.supplemental_groups {
+                if !groups.contains(gid) && *gid != user.gid() {
+                    groups.push(*gid);
+                }
+            }
+            user.set_additional_gids(Some(groups));
+        }
+        if let Some(root) = spec.root_mut() {
+            root.set_readonly(Some(self.readonly_rootfs));
+        }
+        if self.privileged {
+            for mount in spec.mounts_mut().iter_mut().flatten() {
+                if ["/sys", "/sys/fs/cgroup"].contains(&mount.destination().to_str().unwrap_or(""))
+                {
+                    let options = mount.options().clone().unwrap_or_default();
+                    mount.set_options(Some(options.into_iter().filter(|o| o != "ro").collect()));
+                }
+            }
+        }
+        let mut linux = spec
+            .linux()
+            .clone()
+            .unwrap_or(LinuxBuilder::default().build()?);
+        if self.privileged {
+            linux.set_masked_paths(Some(Vec::new()));
+            linux.set_readonly_paths(Some(Vec::new()));
+        } else {
+            if let Some(paths) = &self.masked_paths {
+                linux.set_masked_paths(Some(paths.clone()));
+            }
+            if let Some(paths) = &self.readonly_paths {
+                linux.set_readonly_paths(Some(paths.clone()));
+            }
+        }
+        linux.set_seccomp(self.seccomp.clone().filter(|_| !self.privileged));
+        let mut namespaces: Vec<LinuxNamespace> = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
+            .collect();
+        let pid_path = match &self.pid_namespace {
+            PidNamespace::Container => Some(None),
+            PidNamespace::Pod => Some(Some(crx_agent_proto::POD_PID_NAMESPACE.to_owned())),
+            PidNamespace::Target(id) => Some(Some(crx_agent_proto::container_pid_namespace(id))),
+            PidNamespace::Vm => None,
+        };
+        if let Some(path) = pid_path {
+            let mut pid = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid);
+            if let Some(path) = path {
+                pid = pid.path(path);
+            }
+            namespaces.push(pid.build()?);
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        Ok(())
+    }
+}
+
+/// A capability by name, with or without `CAP_`, any case.
+fn parse_capability(name: &str) -> Result<Capability, SpecError> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned()))
+        .map_err(|_| SpecError::UnknownCapability(name.to_owned()))
 }
 
 /// The caller's side of a container: empty fields keep what the image says.
@@ -54,6 +229,7 @@ pub struct ProcessOverrides {
     pub hostname: Option<String>,
     /// memory.max of the container's cgroup, bytes.
     pub memory_limit: Option<i64>,
+    pub security: SecurityContext,
 }
 
 /// The environment of an exec'd process: `env`, with the default `PATH` first unless `env`
@@ -123,7 +299,6 @@ pub fn container_spec(
                 .additional_gids(additional)
                 .build()?,
         )
-        .no_new_privileges(true)
         .build()?;
     let mut spec = Spec::default();
     spec.set_process(Some(process));
@@ -146,6 +321,7 @@ pub fn container_spec(
         ));
         spec.set_linux(Some(linux));
     }
+    overrides.security.apply(&mut spec)?;
     Ok(spec)
 }
 
@@ -292,6 +468,7 @@ mod tests {
             terminal: true,
             hostname: Some("pod".into()),
             memory_limit: Some(64 << 20),
+            security: SecurityContext::default(),
         };
         let spec = container_spec(root.path(), &image(), &overrides).unwrap();
         let process = spec.process().as_ref().unwrap();
@@ -323,6 +500,168 @@ mod tests {
             [DEFAULT_PATH.to_string(), "A=1".into()]
         );
         assert_eq!(exec_env(vec!["PATH=/x".into()]), ["PATH=/x"]);
+    }
+
+    fn caps_of(security: SecurityContext) -> Vec<String> {
+        let mut names: Vec<String> = security
+            .capabilities()
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn capabilities_follow_containerds_rules() {
+        let default = caps_of(SecurityContext::default());
+        assert_eq!(default.len(), DEFAULT_CAPABILITIES.len());
+        assert!(default.contains(&"CHOWN".to_string()) && !default.contains(&"NET_ADMIN".into()));
+        let added = caps_of(SecurityContext {
+            add_capabilities: vec!["NET_ADMIN".into(), "CAP_SYS_TIME".into()],
+            drop_capabilities: vec!["net_raw".into()],
+            ..Default::default()
+        });
+        assert!(added.contains(&"NET_ADMIN".to_string()) && added.contains(&"SYS_TIME".into()));
+        assert!(!added.contains(&"NET_RAW".to_string()));
+        let all = caps_of(SecurityContext {
+            add_capabilities: vec!["ALL".into()],
+            drop_capabilities: vec!["CHOWN".into()],
+            ..Default::default()
+        });
+        assert!(all.len() > 35 && !all.contains(&"CHOWN".to_string()));
+        // Dropping ALL comes before adding the named ones.
+        let only = caps_of(SecurityContext {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            drop_capabilities: vec!["all".into()],
+            ..Default::default()
+        });
+        assert_eq!(only, ["NET_ADMIN"]);
+        let privileged = caps_of(SecurityContext {
+            privileged: true,
+            drop_capabilities: vec!["ALL".into()],
+            ..Default::default()
+        });
+        assert_eq!(privileged.len(), all.len() + 1);
+        let unknown = SecurityContext {
+            add_capabilities: vec!["FLY".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            unknown.capabilities(),
+            Err(SpecError::UnknownCapability(name)) if name == "FLY"
+        ));
+    }
+
+    #[test]
+    fn the_security_context_reaches_the_spec() {
+        let root = rootfs();
+        let spec_with = |security: SecurityContext| {
+            let overrides = ProcessOverrides {
+                security,
+                ..Default::default()
+            };
+            container_spec(root.path(), &image(), &overrides).unwrap()
+        };
+        let pid_path = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .iter()
+                .flatten()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Pid)
+                .map(|ns| ns.path().clone())
+        };
+
+        let default = spec_with(SecurityContext::default());
+        let process = default.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(false));
+        let bounding = process.capabilities().as_ref().unwrap().bounding();
+        assert_eq!(bounding.as_ref().unwrap().len(), DEFAULT_CAPABILITIES.len());
+        let linux = default.linux().as_ref().unwrap();
+        assert!(linux
+            .masked_paths()
+            .as_ref()
+            .unwrap()
+            .contains(&"/proc/kcore".into()));
+        assert!(linux
+            .readonly_paths()
+            .as_ref()
+            .unwrap()
+            .contains(&"/proc/sys".into()));
+        assert!(linux.seccomp().is_none());
+        assert_eq!(pid_path(&default), Some(None));
+        assert_eq!(default.root().as_ref().unwrap().readonly(), Some(false));
+
+        let confined = spec_with(SecurityContext {
+            readonly_rootfs: true,
+            masked_paths: Some(vec!["/bin/ls".into()]),
+            readonly_paths: Some(vec!["/tmp".into()]),
+            no_new_privs: true,
+            supplemental_groups: vec![1234, 10, 1000],
+            pid_namespace: PidNamespace::Pod,
+            seccomp: Some(LinuxSeccomp::default()),
+            ..Default::default()
+        });
+        let linux = confined.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.masked_paths().as_deref(),
+            Some(&["/bin/ls".to_string()][..])
+        );
+        assert_eq!(
+            linux.readonly_paths().as_deref(),
+            Some(&["/tmp".to_string()][..])
+        );
+        assert!(linux.seccomp().is_some());
+        assert_eq!(confined.root().as_ref().unwrap().readonly(), Some(true));
+        let process = confined.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(true));
+        // The image's groups (10, 29), then the new one; the primary group is not repeated.
+        let mut groups = process.user().additional_gids().clone().unwrap();
+        groups.sort();
+        assert_eq!(groups, [10, 29, 1234]);
+        assert_eq!(
+            pid_path(&confined),
+            Some(Some(crx_agent_proto::POD_PID_NAMESPACE.into()))
+        );
+        let vm = spec_with(SecurityContext {
+            pid_namespace: PidNamespace::Vm,
+            ..Default::default()
+        });
+        assert_eq!(pid_path(&vm), None);
+        let target = spec_with(SecurityContext {
+            pid_namespace: PidNamespace::Target("c1".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            pid_path(&target),
+            Some(Some(crx_agent_proto::container_pid_namespace("c1").into()))
+        );
+
+        let privileged = spec_with(SecurityContext {
+            privileged: true,
+            no_new_privs: true,
+            masked_paths: Some(vec!["/bin/ls".into()]),
+            seccomp: Some(LinuxSeccomp::default()),
+            ..Default::default()
+        });
+        let linux = privileged.linux().as_ref().unwrap();
+        assert_eq!(linux.masked_paths().as_deref(), Some(&[][..]));
+        assert_eq!(linux.readonly_paths().as_deref(), Some(&[][..]));
+        assert!(linux.seccomp().is_none());
+        assert_eq!(
+            privileged.process().as_ref().unwrap().no_new_privileges(),
+            Some(false)
+        );
+        let sys = privileged
+            .mounts()
+            .iter()
+            .flatten()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .unwrap();
+        assert!(!sys.options().iter().flatten().any(|o| o == "ro"));
     }
 
     #[test]

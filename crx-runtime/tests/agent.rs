@@ -20,8 +20,8 @@ use crx_core::{start_vm, ConsoleOutput, VmConfig, VmExit, Vmm};
 use crx_runtime::agent::{connect_vsock, AgentClient, AgentError, StdioAttachment};
 use crx_virtio::{DeviceConfig, FsConfig, VsockConfig};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, ProcessBuilder,
-    RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use sha2::{Digest, Sha256};
 
@@ -512,6 +512,129 @@ fn agent_runs_containers() {
     assert!(out.contains("33 77"), "stty size said {out:?}");
     assert_eq!((err.as_str(), exit.status), ("", code(0)));
 
+    // Confinement from the spec: a read-only root; read-only and masked paths (a masked file
+    // reads empty, a masked directory lists empty); the spec's capabilities only (the default
+    // OCI set: AUDIT_WRITE, KILL, NET_BIND_SERVICE).
+    let mut read_only_root = spec("touch /x");
+    read_only_root
+        .root_mut()
+        .as_mut()
+        .unwrap()
+        .set_readonly(Some(true));
+    let (_, err, exit) = collect(run(&pod, &mut client, "ro", &read_only_root, false));
+    assert!(err.contains("Read-only file system"), "{err:?}");
+    assert_eq!(exit.status, code(1));
+    let mut masked = spec(
+        "touch /x && echo root-writable; touch /tmp/y; wc -c < /etc/passwd; ls /home | wc -l; \
+         wc -c < /proc/cmdline; grep CapBnd /proc/self/status",
+    );
+    let linux = masked.linux_mut().as_mut().unwrap();
+    linux.set_masked_paths(Some(vec![
+        "/etc/passwd".into(),
+        "/home".into(),
+        "/proc/cmdline".into(),
+        "/not/there".into(),
+    ]));
+    linux.set_readonly_paths(Some(vec!["/tmp".into()]));
+    let (out, err, exit) = collect(run(&pod, &mut client, "masked", &masked, false));
+    assert_eq!(
+        out, "root-writable\n0\n0\n0\nCapBnd:\t0000000020000420\n",
+        "stderr: {err}"
+    );
+    assert!(
+        err.contains("touch: /tmp/y: Read-only file system"),
+        "{err:?}"
+    );
+    assert_eq!(exit.status, code(0));
+
+    // Pid namespaces: containers in the pod's share one whose PID 1 is the agent's pause
+    // process and see each other; one in the VM's sees every process of the VM; a main
+    // process that is not its namespace's PID 1 takes the rest of its container with it.
+    let with_pid_namespace = |script: &str, path: Option<Option<&str>>| {
+        let mut spec = spec(script);
+        let linux = spec.linux_mut().as_mut().unwrap();
+        let mut namespaces: Vec<_> = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
+            .collect();
+        if let Some(path) = path {
+            let mut pid = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid);
+            if let Some(path) = path {
+                pid = pid.path(path);
+            }
+            namespaces.push(pid.build().unwrap());
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec
+    };
+    let pod_ns = Some(Some(crx_agent_proto::POD_PID_NAMESPACE));
+    let (_p1_in, mut p1_out) = run(
+        &pod,
+        &mut client,
+        "p1",
+        &with_pid_namespace("echo $$; exec sh -c 'sleep 600; true'", pod_ns),
+        false,
+    )
+    .split();
+    match p1_out.next_output().unwrap() {
+        crx_runtime::agent::Output::Stdout(data) => {
+            assert_ne!(data, b"1\n", "p1 is not PID 1 of the pod's namespace")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let count = "ps -o comm | grep -c '^sleep$'; ls /proc | grep -c '^[0-9]'";
+    let pid1 = "tr '\\0' ' ' < /proc/1/cmdline | grep -c crx-agent";
+    let (out, err, _) = collect(run(
+        &pod,
+        &mut client,
+        "p2",
+        &with_pid_namespace(&format!("{pid1}; {count}"), pod_ns),
+        false,
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "stdout {out:?} stderr {err:?}");
+    assert_eq!((lines[0], lines[1]), ("1", "1"), "p2 sees p1's sleep");
+    let in_pod: u32 = lines[2].parse().unwrap();
+    assert!(in_pod <= 8, "the pod's namespace has {in_pod} processes");
+    let (out, err, _) = collect(run(
+        &pod,
+        &mut client,
+        "vm",
+        &with_pid_namespace(&format!("{pid1}; {count}"), None),
+        false,
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "stdout {out:?} stderr {err:?}");
+    let in_vm: u32 = lines[2].parse().unwrap();
+    assert!(
+        in_vm > in_pod + 10,
+        "the VM's namespace has {in_vm} processes"
+    );
+    client.signal_process("p1", "", 15).unwrap();
+    assert_eq!(
+        client.wait_process("p1", "").unwrap().status,
+        Some(ExitKind::Signal(15))
+    );
+    let gone =
+        "for i in $(seq 100); do ps -o comm | grep -q '^sleep$' || break; usleep 50000; done; \
+                ps -o comm | grep -c '^sleep$'";
+    let (out, _, _) = collect(run(
+        &pod,
+        &mut client,
+        "p3",
+        &with_pid_namespace(gone, pod_ns),
+        false,
+    ));
+    assert_eq!(out, "0\n", "p1's sleep outlived p1");
+    let stray = with_pid_namespace("true", Some(Some("/proc/1/ns/pid")));
+    assert_eq!(
+        remote_code(client.create_container("stray", rootfs(), &stray, false, Vec::new())),
+        ErrorCode::BadRequest
+    );
+
     // Signals, list, stats, remove.
     let list = client.list_containers().unwrap();
     let a_info = list.iter().find(|c| c.container_id == "a").unwrap();
@@ -528,7 +651,9 @@ fn agent_runs_containers() {
         client.wait_process("a", "").unwrap().status,
         Some(ExitKind::Signal(9))
     );
-    for id in ["exit3", "big", "cat", "user", "a", "b"] {
+    for id in [
+        "exit3", "big", "cat", "user", "a", "b", "ro", "masked", "p1", "p2", "vm", "p3",
+    ] {
         client
             .remove_container(id)
             .unwrap_or_else(|e| panic!("remove {id}: {e}"));

@@ -298,6 +298,7 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
             terminal: args.tty,
             hostname: Some(id.chars().take(63).collect()),
             memory_limit: args.memory_limit_mib.map(|m| m << 20),
+            security: Default::default(),
         },
         boot_timeout: BOOT_TIMEOUT,
         template: !args.cold,

@@ -17,11 +17,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxResources, MountBuilder, PosixRlimitType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, MountBuilder, PosixRlimitType, Spec};
 
 use crate::cgroup::Cgroup;
 use crate::reaper::{Exit, Reaper};
-use crate::spawn::{self, CapsPlan, MountPlan, ProcessIo, ProcessPlan, Target};
+use crate::spawn::{self, CapsPlan, MountPlan, NewRoot, ProcessIo, ProcessPlan, Target};
 use crate::{fail, io_fail, lock, Result};
 
 const FS_DIR: &str = "/run/crx/fs";
@@ -97,10 +97,59 @@ impl Process {
     }
 }
 
+/// Which pid namespace a container's processes live in, from its spec's `linux.namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PidMode {
+    /// Its own (a `pid` entry without a path).
+    Own,
+    /// The pod's shared one ([`proto::POD_PID_NAMESPACE`]).
+    Pod,
+    /// Another container's ([`proto::container_pid_namespace`]).
+    Of(String),
+    /// The VM's (no `pid` entry).
+    Vm,
+}
+
+impl PidMode {
+    fn of(spec: &Spec) -> Result<PidMode> {
+        let pid = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Pid));
+        let Some(pid) = pid else {
+            return Ok(PidMode::Vm);
+        };
+        let Some(path) = pid.path() else {
+            return Ok(PidMode::Own);
+        };
+        if path == Path::new(proto::POD_PID_NAMESPACE) {
+            return Ok(PidMode::Pod);
+        }
+        let target = path
+            .strip_prefix(proto::CONTAINER_NAMESPACES_DIR)
+            .ok()
+            .and_then(|rest| rest.to_str())
+            .and_then(|rest| rest.strip_suffix("/ns/pid"))
+            .filter(|id| check_name("container id", id).is_ok());
+        match target {
+            Some(id) => Ok(PidMode::Of(id.to_owned())),
+            None => Err(fail(
+                ErrorCode::BadRequest,
+                format!(
+                    "pid namespace path {path:?} is neither the pod's ({}) nor a container's",
+                    proto::POD_PID_NAMESPACE
+                ),
+            )),
+        }
+    }
+}
+
 pub struct Container {
     id: String,
     dir: PathBuf,
     spec: Spec,
+    pid_mode: PidMode,
     terminal: bool,
     cgroup: Cgroup,
     main: Arc<Process>,
@@ -136,9 +185,49 @@ pub struct Agent {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// virtio-fs tags mounted under [`FS_DIR`].
     shares: Mutex<HashSet<String>>,
+    /// The pod's shared pid namespace, made when a container first asks for it.
+    pod_pid_namespace: Mutex<Option<OwnedFd>>,
 }
 
 impl Agent {
+    /// The pod's shared pid namespace, starting its pause process the first time.
+    fn pod_pid_namespace(&self) -> Result<OwnedFd> {
+        let mut namespace = lock(&self.pod_pid_namespace);
+        if namespace.is_none() {
+            let pid = spawn::start_pod_init(&self.reaper)
+                .map_err(io_fail("starting the pod's pause process"))?;
+            let fd = File::open(format!("/proc/{pid}/ns/pid"))
+                .map_err(io_fail("opening the pod's pid namespace"))?;
+            *namespace = Some(fd.into());
+        }
+        let fd = namespace.as_ref().expect("made above");
+        fd.try_clone()
+            .map_err(io_fail("duplicating the pod's pid namespace"))
+    }
+
+    /// The pid namespace container `container`'s main process goes into.
+    fn pid_namespace_for(&self, container: &Container) -> Result<spawn::PidNamespace> {
+        Ok(match &container.pid_mode {
+            PidMode::Own => spawn::PidNamespace::New,
+            PidMode::Vm => spawn::PidNamespace::Agent,
+            PidMode::Pod => spawn::PidNamespace::Join(self.pod_pid_namespace()?),
+            PidMode::Of(id) => {
+                let target = self.container(id)?;
+                let init = target.running_pid(&self.reaper).ok_or_else(|| {
+                    fail(
+                        ErrorCode::InvalidState,
+                        format!(
+                            "container {id}, whose processes this one would share, is not running"
+                        ),
+                    )
+                })?;
+                let fd = File::open(format!("/proc/{init}/ns/pid"))
+                    .map_err(io_fail("opening the target container's pid namespace"))?;
+                spawn::PidNamespace::Join(fd.into())
+            }
+        })
+    }
+
     fn container(&self, id: &str) -> Result<Arc<Container>> {
         lock(&self.containers)
             .get(id)
@@ -162,6 +251,7 @@ impl Agent {
             .ok_or_else(|| fail(ErrorCode::BadRequest, "the spec has no process"))?;
         let terminal = req.terminal || process.terminal().unwrap_or(false);
         plan_process(process, terminal)?; // refuse a bad process now, not at start
+        let pid_mode = PidMode::of(&spec)?;
         let rootfs = req
             .rootfs
             .ok_or_else(|| fail(ErrorCode::BadRequest, "no rootfs"))?;
@@ -220,6 +310,7 @@ impl Agent {
             id: req.container_id.clone(),
             dir,
             spec,
+            pid_mode,
             terminal,
             cgroup,
             main: Arc::default(),
@@ -300,11 +391,23 @@ impl Agent {
         let process = spec.process().as_ref().expect("checked at create");
         let plan = plan_process(process, container.terminal)?;
         let rootfs = container.rootfs();
+        let linux = spec.linux().as_ref();
+        let paths = |list: Option<&Vec<String>>| -> Result<Vec<PathBuf>> {
+            list.into_iter()
+                .flatten()
+                .map(|p| relative_path(p).map(|r| Path::new("/").join(r)))
+                .collect()
+        };
         let target = Target::New {
-            mounts: plan_mounts(spec, &rootfs)?,
-            rootfs,
-            hostname: spec.hostname().clone(),
-            readonly_root: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
+            root: NewRoot {
+                mounts: plan_mounts(spec, &rootfs)?,
+                rootfs,
+                hostname: spec.hostname().clone(),
+                readonly_root: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
+                masked_paths: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
+                readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
+            },
+            pid: self.pid_namespace_for(&container)?,
         };
         let procs = container
             .cgroup
@@ -376,12 +479,19 @@ impl Agent {
         Ok(self.exit_status(&container, pid))
     }
 
-    /// `pid`'s exit (waiting for it) as the protocol reports it.
+    /// `pid`'s exit (waiting for it) as the protocol reports it. When a container's main
+    /// process ends and the container does not have a pid namespace of its own (whose end
+    /// would have ended them), the container's other processes are killed, as runc does.
     pub fn exit_status(&self, container: &Container, pid: Pid) -> ExitStatus {
         let status = match self.reaper.wait(pid) {
             Exit::Code(code) => ExitKind::Code(code),
             Exit::Signal(signal) => ExitKind::Signal(signal),
         };
+        if container.pid_mode != PidMode::Own && container.main.pid() == Some(pid) {
+            if let Err(e) = container.cgroup.kill_all() {
+                eprintln!("crx-agent: {}: cgroup.kill: {e}", container.id);
+            }
+        }
         ExitStatus {
             status: Some(status),
             oom_killed: container.cgroup.oom_kills() > 0,
@@ -393,14 +503,14 @@ impl Agent {
             container_id: req.container_id.clone(),
             exec_id: req.exec_id.clone(),
         };
-        let (_, process) = self.process(&target)?;
+        let (container, process) = self.process(&target)?;
         let signal = Signal::try_from(req.signal)
             .map_err(|_| fail(ErrorCode::BadRequest, format!("bad signal {}", req.signal)))?;
         let pid = process
             .pid()
             .filter(|&pid| self.reaper.status(pid).is_none())
             .ok_or_else(|| fail(ErrorCode::InvalidState, "process is not running"))?;
-        let sent = if req.exec_id.is_empty() {
+        let sent = if req.exec_id.is_empty() && container.pid_mode == PidMode::Own {
             crate::init_signal::send(pid, signal) // PID 1 of the container's pid namespace
         } else {
             kill(pid, signal)

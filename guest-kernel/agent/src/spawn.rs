@@ -2,15 +2,17 @@
 //! `pre_exec` hook, running in the forked child, builds the container around it.
 //!
 //! A container's main process: the spawning thread first `unshare(CLONE_NEWPID)`s itself (a
-//! thread's own pid namespace for children), so the child is PID 1 of a new pid namespace; the
-//! child joins the container's cgroup, unshares mount and UTS namespaces (the network and IPC
+//! thread's own pid namespace for children), so the child is PID 1 of a new pid namespace — or
+//! `setns`es into the pod's shared one (whose PID 1 is the pause process [`start_pod_init`]
+//! starts) or another container's, or stays in the VM's; the child joins the container's cgroup, unshares mount and UTS namespaces (the network and IPC
 //! namespaces are the VM's: a pod's containers share them, as Kubernetes pods do, and the pod's
 //! network and IPC sysctls apply to them), makes every mount private, sets the hostname,
 //! mounts the spec's mounts inside the rootfs (plus the default devices on a `/dev` tmpfs), and
 //! switches root. The agent runs from the initramfs, where `pivot_root` is refused (the
 //! initramfs is the absolute root), so the child first `chroot("/run")` (a tmpfs mount, which
 //! has a parent) and then `pivot_root(".", ".")` inside the rootfs (under `/run`), detaching the
-//! old root. The rootfs thereby sits on the namespace's `/run`, so an exec process that
+//! old root, then makes the root read-only if asked and applies the read-only and masked
+//! paths. The rootfs thereby sits on the namespace's `/run`, so an exec process that
 //! `setns`es into the mount namespace (which puts it at the namespace's absolute root) does
 //! `chroot("/run")` to reach the same root.
 //!
@@ -81,15 +83,34 @@ pub struct MountPlan {
     pub dev: bool,
 }
 
+/// The pid namespace of a new container's processes.
+pub enum PidNamespace {
+    /// A new one: the main process is its PID 1.
+    New,
+    /// An existing one (the pod's, or another container's).
+    Join(OwnedFd),
+    /// The agent's (the VM's).
+    Agent,
+}
+
+/// The root and confinement of a new container.
+#[derive(Clone, Debug)]
+pub struct NewRoot {
+    /// Absolute, under `/run`.
+    pub rootfs: PathBuf,
+    pub hostname: Option<String>,
+    pub mounts: Vec<MountPlan>,
+    pub readonly_root: bool,
+    /// Hidden: `/dev/null` bound over files, an empty read-only tmpfs over directories.
+    pub masked_paths: Vec<PathBuf>,
+    /// Bound onto themselves read-only.
+    pub readonly_paths: Vec<PathBuf>,
+}
+
 /// Where the process goes.
 pub enum Target {
-    /// A new container around `rootfs` (absolute, under `/run`).
-    New {
-        rootfs: PathBuf,
-        hostname: Option<String>,
-        mounts: Vec<MountPlan>,
-        readonly_root: bool,
-    },
+    /// A new container.
+    New { root: NewRoot, pid: PidNamespace },
     /// An existing container: its init's pid namespace, and mount and UTS namespaces.
     Existing {
         pid_ns: OwnedFd,
@@ -169,17 +190,7 @@ pub fn spawn(
         cgroup_procs: cgroup_procs.as_raw_fd(),
         pty_socket: pty_socket.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
         root: match &target {
-            Target::New {
-                rootfs,
-                hostname,
-                mounts,
-                readonly_root,
-            } => Root::New {
-                rootfs: rootfs.clone(),
-                hostname: hostname.clone(),
-                mounts: mounts.clone(),
-                readonly_root: *readonly_root,
-            },
+            Target::New { root, .. } => Root::New(root.clone()),
             Target::Existing { namespaces, .. } => Root::Join(
                 namespaces
                     .iter()
@@ -206,8 +217,19 @@ pub fn spawn(
         scope
             .spawn(|| -> io::Result<Pid> {
                 match &target {
-                    Target::New { .. } => unshare(CloneFlags::CLONE_NEWPID)?,
-                    Target::Existing { pid_ns, .. } => setns(pid_ns, CloneFlags::CLONE_NEWPID)?,
+                    Target::New {
+                        pid: PidNamespace::New,
+                        ..
+                    } => unshare(CloneFlags::CLONE_NEWPID)?,
+                    Target::New {
+                        pid: PidNamespace::Join(pid_ns),
+                        ..
+                    }
+                    | Target::Existing { pid_ns, .. } => setns(pid_ns, CloneFlags::CLONE_NEWPID)?,
+                    Target::New {
+                        pid: PidNamespace::Agent,
+                        ..
+                    } => {}
                 }
                 reaper.spawn(|| command.spawn().map(|c| Pid::from_raw(c.id() as i32)))
             })
@@ -252,12 +274,7 @@ fn receive_fd(socket: &OwnedFd) -> io::Result<OwnedFd> {
 }
 
 enum Root {
-    New {
-        rootfs: PathBuf,
-        hostname: Option<String>,
-        mounts: Vec<MountPlan>,
-        readonly_root: bool,
-    },
+    New(NewRoot),
     Join(Vec<(RawFd, CloneFlags)>),
 }
 
@@ -276,12 +293,7 @@ impl ChildSetup {
             return Err(context("joining the cgroup", io::Error::last_os_error()));
         }
         match &self.root {
-            Root::New {
-                rootfs,
-                hostname,
-                mounts,
-                readonly_root,
-            } => new_root(rootfs, hostname.as_deref(), mounts, *readonly_root)?,
+            Root::New(root) => new_root(root)?,
             Root::Join(namespaces) => {
                 for &(fd, kind) in namespaces {
                     // SAFETY: fd is a namespace descriptor the parent keeps open; borrowed
@@ -342,12 +354,7 @@ impl ChildSetup {
     }
 }
 
-fn new_root(
-    rootfs: &Path,
-    hostname: Option<&str>,
-    mounts: &[MountPlan],
-    readonly_root: bool,
-) -> io::Result<()> {
+fn new_root(root: &NewRoot) -> io::Result<()> {
     let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
     unshare(flags).map_err(|e| context("unshare", e.into()))?;
     mount(
@@ -358,23 +365,118 @@ fn new_root(
         None::<&str>,
     )
     .map_err(|e| context("making / private", e.into()))?;
-    if let Some(name) = hostname {
+    if let Some(name) = &root.hostname {
         nix::unistd::sethostname(name).map_err(|e| context("sethostname", e.into()))?;
     }
-    for m in mounts {
+    for m in &root.mounts {
         mount_one(m).map_err(|e| context(&format!("mount {:?}", m.target), e))?;
     }
-    chdir(rootfs).map_err(|e| context("chdir rootfs", e.into()))?;
+    chdir(&root.rootfs).map_err(|e| context("chdir rootfs", e.into()))?;
     chroot("/run").map_err(|e| context("chroot /run", e.into()))?;
     pivot_root(".", ".").map_err(|e| context("pivot_root", e.into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| context("detaching old root", e.into()))?;
     chdir("/").map_err(|e| context("chdir /", e.into()))?;
-    if readonly_root {
+    if root.readonly_root {
         let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
         mount(None::<&str>, "/", None::<&str>, ro, None::<&str>)
             .map_err(|e| context("read-only root", e.into()))?;
     }
+    for path in &root.readonly_paths {
+        make_readonly(path).map_err(|e| context(&format!("read-only path {path:?}"), e))?;
+    }
+    for path in &root.masked_paths {
+        mask(path).map_err(|e| context(&format!("masked path {path:?}"), e))?;
+    }
     Ok(())
+}
+
+/// Binds `path` onto itself and makes that read-only (as runc does); a path the container does
+/// not have is left alone.
+fn make_readonly(path: &Path) -> io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+    mount(Some(path), path, None::<&str>, bind, None::<&str>)?;
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC;
+    mount(None::<&str>, path, None::<&str>, ro, None::<&str>)?;
+    Ok(())
+}
+
+/// Hides `path` (as runc does): an empty read-only tmpfs over a directory, `/dev/null` bound
+/// over anything else; a path the container does not have is left alone.
+fn mask(path: &Path) -> io::Result<()> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if metadata.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )?;
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts the pod's pause process: PID 1 of a new pid namespace, which containers that share
+/// their pod's processes join. It only reaps the orphans that namespace hands it, and runs
+/// until the VM powers off. Returns its pid.
+pub fn start_pod_init(reaper: &Reaper) -> io::Result<Pid> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> io::Result<Pid> {
+                unshare(CloneFlags::CLONE_NEWPID)?;
+                reaper.spawn(|| {
+                    // SAFETY: the child runs only async-signal-safe system calls
+                    // (pod_init), never returns and never touches the parent's state.
+                    match unsafe { libc::fork() } {
+                        -1 => Err(io::Error::last_os_error()),
+                        0 => pod_init(),
+                        pid => Ok(Pid::from_raw(pid)),
+                    }
+                })
+            })
+            .join()
+            .map_err(|_| io::Error::other("spawning thread panicked"))?
+    })
+}
+
+/// The pause process's loop: reap every exited child, sleep until the next SIGCHLD.
+fn pod_init() -> ! {
+    extern "C" fn on_sigchld(_: libc::c_int) {}
+    // SAFETY: in the freshly forked child, only async-signal-safe calls on local data: drop
+    // the agent's descriptors, block SIGCHLD (so none is lost between the reaping and the
+    // wait), give it a handler (an ignored SIGCHLD would not end sigsuspend), then alternate
+    // waitpid and sigsuspend forever.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0);
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigchld as *const () as usize;
+        libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut());
+        let mut unblocked: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut unblocked);
+        loop {
+            while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            libc::sigsuspend(&unblocked);
+        }
+    }
 }
 
 fn mount_one(m: &MountPlan) -> io::Result<()> {
