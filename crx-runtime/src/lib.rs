@@ -6,6 +6,7 @@
 //! - [`spec`]: a container's OCI runtime spec from the image's run config and overrides.
 //! - [`pod`]: pods and their containers: image leases, root filesystems, the agent's
 //!   containers, stopping them, exit codes.
+//! - [`seccomp`]: containers' seccomp profiles: Kubernetes' RuntimeDefault, Localhost files.
 //! - [`share`]: the container share of a pod VM with several containers.
 //! - [`template`]: pod templates: a sandbox VM snapshotted once its agent answers, restored
 //!   for every later sandbox of the same shape.
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod network;
 pub mod pod;
 pub mod sandbox;
+pub mod seccomp;
 pub mod share;
 pub mod spec;
 pub mod template;
