@@ -71,7 +71,8 @@ pub fn for_guest(mut spec: Spec) -> Result<(Spec, Vec<Volume>), GuestSpecError> 
         volumes.push(Volume {
             host_path: source,
             container_path: destination,
-            read_only: options.iter().any(|o| o == "ro"),
+            read_only: options.iter().any(|o| o == "ro" || o == "rro"),
+            recursive_read_only: options.iter().any(|o| o == "rro"),
             propagation,
         });
     }
@@ -153,12 +154,14 @@ mod tests {
                     host_path: "/var/lib/c/hosts".into(),
                     container_path: "/etc/hosts".into(),
                     read_only: true,
+                    recursive_read_only: false,
                     propagation: Propagation::Private,
                 },
                 Volume {
                     host_path: "/srv/data".into(),
                     container_path: "/data".into(),
                     read_only: false,
+                    recursive_read_only: false,
                     propagation: Propagation::HostToContainer,
                 },
             ]

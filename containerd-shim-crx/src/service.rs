@@ -326,7 +326,7 @@ impl Service {
 
     /// Removes task `id`: its container in the VM, its files in the share, its rootfs mount;
     /// the VM too when it was the pod's last task.
-    fn remove_task(&self, state: &mut State, id: &str) -> TtrpcResult<Task> {
+    fn remove_task(&self, state: &mut State, id: &str) -> TtrpcResult<()> {
         let task = state
             .tasks
             .remove(id)
@@ -351,7 +351,7 @@ impl Service {
                 }
             }
         }
-        Ok(task)
+        Ok(())
     }
 }
 

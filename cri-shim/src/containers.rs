@@ -17,6 +17,7 @@ use crx_agent_proto::{ExecProcess, ExitStatus};
 use crx_runtime::agent::{AgentClient, Output, StdioAttachment};
 use crx_runtime::pod::{add_container, exit_code, remove_container, stop_container};
 use crx_runtime::sandbox::Sandbox;
+use crx_runtime::seccomp;
 use crx_runtime::share::{Propagation, Volume};
 use crx_runtime::spec::{exec_env, PidNamespace, ProcessOverrides, SecurityContext};
 use k8s_cri::v1 as cri;
@@ -41,8 +42,8 @@ const MAX_EXEC_OUTPUT: usize = 8 << 20;
 /// checks them: the host path must be absolute; one that does not exist is made a directory;
 /// symbolic links in it are resolved (the container sees what the link points at); host
 /// mounts made below it later reach the container with host-to-container propagation. What
-/// cannot cross into a VM is refused: mounts propagating back to the host, image volumes,
-/// recursive read-only.
+/// cannot cross into a VM is refused: mounts propagating back to the host, image volumes. A
+/// recursive read-only mount must be read-only and private, as containerd requires.
 fn volumes_of(mounts: &[cri::Mount]) -> Result<Vec<Volume>, Status> {
     let mut volumes = Vec::with_capacity(mounts.len());
     for mount in mounts {
@@ -58,8 +59,15 @@ fn volumes_of(mounts: &[cri::Mount]) -> Result<Vec<Volume>, Status> {
         if mount.image.is_some() {
             return Err(invalid("image volumes are not supported"));
         }
-        if mount.recursive_read_only {
-            return Err(invalid("recursive read-only mounts are not supported"));
+        if mount.recursive_read_only && !mount.readonly {
+            return Err(invalid("a recursive read-only mount must be read-only"));
+        }
+        if mount.recursive_read_only
+            && mount.propagation() != cri::MountPropagation::PropagationPrivate
+        {
+            return Err(invalid(
+                "a recursive read-only mount cannot take mounts from the host",
+            ));
         }
         if mount.propagation() == cri::MountPropagation::PropagationBidirectional {
             return Err(invalid(
@@ -84,6 +92,7 @@ fn volumes_of(mounts: &[cri::Mount]) -> Result<Vec<Volume>, Status> {
             host_path,
             container_path: mount.container_path.clone(),
             read_only: mount.readonly,
+            recursive_read_only: mount.recursive_read_only,
             propagation,
         });
     }
@@ -130,7 +139,7 @@ fn security_context(
         })
         .collect::<Result<_, _>>()?;
     let paths = |list: &Vec<String>| (!list.is_empty()).then(|| list.clone());
-    Ok(SecurityContext {
+    let mut context = SecurityContext {
         privileged: security.privileged,
         add_capabilities: capabilities.add_capabilities,
         drop_capabilities: capabilities.drop_capabilities,
@@ -141,7 +150,61 @@ fn security_context(
         supplemental_groups: groups,
         pid_namespace,
         seccomp: None,
-    })
+    };
+    context.seccomp = match seccomp_choice(security)? {
+        Seccomp::Unconfined => None,
+        Seccomp::RuntimeDefault => {
+            let capabilities = context
+                .capabilities()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Some(seccomp::runtime_default(
+                &capabilities.into_iter().collect::<Vec<_>>(),
+            ))
+        }
+        Seccomp::Localhost(path) => Some(
+            seccomp::load_profile(Path::new(&path))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        ),
+    };
+    Ok(context)
+}
+
+/// The seccomp profile a container asks for.
+enum Seccomp {
+    Unconfined,
+    RuntimeDefault,
+    /// A profile file on this host.
+    Localhost(String),
+}
+
+/// The `seccomp` field, or else the deprecated `seccomp_profile_path` (`runtime/default`,
+/// `docker/default`, `unconfined`, `localhost/<absolute path>`); neither set is unconfined,
+/// as with containerd.
+fn seccomp_choice(security: &cri::LinuxContainerSecurityContext) -> Result<Seccomp, Status> {
+    if let Some(profile) = &security.seccomp {
+        return Ok(match profile.profile_type() {
+            cri::security_profile::ProfileType::RuntimeDefault => Seccomp::RuntimeDefault,
+            cri::security_profile::ProfileType::Unconfined => Seccomp::Unconfined,
+            cri::security_profile::ProfileType::Localhost => {
+                Seccomp::Localhost(profile.localhost_ref.clone())
+            }
+        });
+    }
+    #[allow(deprecated)] // kubelets before 1.19's field
+    let path = security.seccomp_profile_path.as_str();
+    match path {
+        "" | "unconfined" => Ok(Seccomp::Unconfined),
+        "runtime/default" | "docker/default" => Ok(Seccomp::RuntimeDefault),
+        _ => match path.strip_prefix("localhost/") {
+            Some(file) => Ok(Seccomp::Localhost(format!(
+                "/{}",
+                file.trim_start_matches('/')
+            ))),
+            None => Err(Status::invalid_argument(format!(
+                "unknown seccomp profile {path:?}"
+            ))),
+        },
+    }
 }
 
 impl Runtime {

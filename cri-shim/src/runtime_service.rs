@@ -113,9 +113,9 @@ impl RuntimeService {
                 serde_json::to_string(&self.config).expect("the configuration serializes"),
             );
         }
-        // Neither recursive read-only mounts nor user namespaces are offered yet.
+        // Recursive read-only volumes, made so on the host; user namespaces are not offered.
         let features = Some(cri::RuntimeHandlerFeatures {
-            recursive_read_only_mounts: false,
+            recursive_read_only_mounts: true,
             user_namespaces: false,
         });
         let network = match crx_runtime::network::cni::load(&self.config.network.cni_conf_dir, None)

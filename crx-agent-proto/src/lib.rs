@@ -56,7 +56,7 @@
 //! message ConfigureReply { repeated string skipped = 1; }
 //! message CreateContainer { string container_id = 1; Rootfs rootfs = 2; bytes oci_spec_json = 3; bool terminal = 4;
 //!   repeated Volume volumes = 5; }
-//! message Volume { string fs_tag = 1; string path = 2; string destination = 3; bool read_only = 4; }
+//! message Volume { string fs_tag = 1; string path = 2; string destination = 3; /* 4: retired */ }
 //! message Rootfs { string fs_tag = 1; string path = 2; }
 //! message ContainerRef { string container_id = 1; }
 //! message ProcessRef { string container_id = 1; string exec_id = 2; }

@@ -139,7 +139,11 @@ pub struct CreateContainer {
     pub volumes: Vec<Volume>,
 }
 
-/// A file or directory of a virtio-fs share, bound at `destination` in a container.
+/// A file or directory of a virtio-fs share, bound at `destination` in a container. Whether
+/// the container may write to it is the host's to enforce, in the share (a read-only bind
+/// there, of every mount below too when recursive): the guest's bind is writable, so mounts
+/// below a volume keep the flags they have on the host. (Tag 4, a guest-side read-only flag,
+/// is retired.)
 #[derive(Clone, PartialEq, Message)]
 pub struct Volume {
     #[prost(string, tag = "1")]
@@ -150,8 +154,6 @@ pub struct Volume {
     /// Absolute, in the container.
     #[prost(string, tag = "3")]
     pub destination: String,
-    #[prost(bool, tag = "4")]
-    pub read_only: bool,
 }
 
 /// New cgroup limits for a running container (what can change while it runs: memory, CPU

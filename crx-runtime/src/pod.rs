@@ -72,6 +72,10 @@ pub struct PodRequest {
     pub template: bool,
     /// A pod network (CNI) for the VM; `None`: no network device.
     pub network: Option<NetworkConfig>,
+    /// Host paths bound into the container. With any, the pod has a container share (which
+    /// carries the image's root and the volumes, see [`crate::share`]) instead of the image's
+    /// root shared as [`ROOTFS_TAG`].
+    pub volumes: Vec<Volume>,
 }
 
 /// A pod whose container is created, not yet started.
@@ -86,24 +90,29 @@ impl Pod {
     }
 }
 
-/// The sandbox of a one-container pod: its image root shared read-only as [`ROOTFS_TAG`], and
-/// the request's pod network, if any.
+/// The sandbox of a one-container pod: its image root shared read-only as [`ROOTFS_TAG`] (or,
+/// with volumes, a container share), and the request's pod network, if any.
 fn sandbox_config(request: &PodRequest, rootfs: PathBuf) -> SandboxConfig {
+    let container_share = !request.volumes.is_empty();
+    let shares = match container_share {
+        true => Vec::new(),
+        false => vec![Share {
+            tag: ROOTFS_TAG.into(),
+            dir: rootfs,
+            read_only: true,
+        }],
+    };
     SandboxConfig {
         id: request.id.clone(),
         vcpus: request.vcpus,
         mem_mib: request.mem_mib,
         kernel: request.kernel.clone(),
         initrd: request.initrd.clone(),
-        shares: vec![Share {
-            tag: ROOTFS_TAG.into(),
-            dir: rootfs,
-            read_only: true,
-        }],
+        shares,
         vmm: request.vmm.clone(),
         labels: BTreeMap::new(),
         network: request.network.clone().map(PodNetwork::Cni),
-        container_share: false,
+        container_share,
         template: request.template,
     }
 }
@@ -154,18 +163,33 @@ pub fn create_pod(
             id: request.id.clone(),
             source,
         };
-        agent
-            .create_container(
-                &request.id,
-                Rootfs {
-                    fs_tag: ROOTFS_TAG.into(),
-                    path: String::new(),
-                },
+        if request.volumes.is_empty() {
+            agent
+                .create_container(
+                    &request.id,
+                    Rootfs {
+                        fs_tag: ROOTFS_TAG.into(),
+                        path: String::new(),
+                    },
+                    &spec,
+                    request.process.terminal,
+                    Vec::new(),
+                )
+                .map_err(agent_error)?;
+        } else {
+            let container = ContainerRoot {
+                id: &request.id,
+                rootfs: &rootfs,
+                volumes: &request.volumes,
+            };
+            add_container_with_spec(
+                started,
+                &mut agent,
+                &container,
                 &spec,
                 request.process.terminal,
-                Vec::new(),
-            )
-            .map_err(agent_error)?;
+            )?;
+        }
         Ok(agent)
     })();
     match made {
@@ -286,7 +310,6 @@ pub fn add_container_with_spec(
                     fs_tag: CONTAINERS_TAG.into(),
                     path: share::volume_path(id, index),
                     destination: volume.container_path.clone(),
-                    read_only: volume.read_only,
                 })
                 .collect();
             agent

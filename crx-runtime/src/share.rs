@@ -77,6 +77,9 @@ pub struct Volume {
     /// Where the container sees it (absolute, in the container).
     pub container_path: String,
     pub read_only: bool,
+    /// With `read_only`, the mounts below the host path are read-only too (otherwise they keep
+    /// their own flags, as a non-recursive read-only bind leaves them).
+    pub recursive_read_only: bool,
     /// Whether mounts made later below the host path reach the container.
     pub propagation: Propagation,
 }
@@ -186,6 +189,7 @@ fn attach_in(
         false,
         MountPropagationFlags::PRIVATE,
         read_only,
+        false,
     )?;
     if volumes.is_empty() {
         return Ok(());
@@ -199,6 +203,14 @@ fn attach_in(
             .map_err(io_err("cannot stat volume", &volume.host_path))?
             .is_dir();
         make_mount_point(&target, is_dir)?;
+        if volume.recursive_read_only
+            && (!volume.read_only || volume.propagation != Propagation::Private)
+        {
+            return Err(ShareError::BadVolume(
+                volume.host_path.clone(),
+                "a recursive read-only volume must be read-only and private",
+            ));
+        }
         let mut flags = MountFlags::NODEV | MountFlags::NOSUID;
         if volume.read_only {
             flags |= MountFlags::RDONLY;
@@ -208,7 +220,15 @@ fn attach_in(
             Propagation::Private => MountPropagationFlags::PRIVATE,
             Propagation::HostToContainer => MountPropagationFlags::DOWNSTREAM,
         };
-        bind_into(share, &volume.host_path, &target, true, propagation, flags)?;
+        bind_into(
+            share,
+            &volume.host_path,
+            &target,
+            true,
+            propagation,
+            flags,
+            volume.recursive_read_only,
+        )?;
     }
     Ok(())
 }
@@ -224,9 +244,9 @@ fn make_mount_point(path: &Path, is_dir: bool) -> Result<(), ShareError> {
 }
 
 /// Binds `from` (with the mounts below it if `recursive`) at `target`, an existing mount point
-/// in the source, with `flags` and `propagation` from `from`'s mounts (private: none; a bind
-/// of a shared mount would otherwise be its peer), by way of the stage, so the peers' copies
-/// get the flags too.
+/// in the source, with `flags` (on every mount below too if `all_read_only`) and `propagation`
+/// from `from`'s mounts (private: none; a bind of a shared mount would otherwise be its peer),
+/// by way of the stage, so the peers' copies get the flags too.
 fn bind_into(
     share: &Path,
     from: &Path,
@@ -234,6 +254,7 @@ fn bind_into(
     recursive: bool,
     propagation: MountPropagationFlags,
     flags: MountFlags,
+    all_read_only: bool,
 ) -> Result<(), ShareError> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = format!(
@@ -252,13 +273,47 @@ fn bind_into(
         bound.and_then(|()| mount_change(&staged_path, propagation | MountPropagationFlags::REC));
     let moved = bound
         .and_then(|()| mount_remount(&staged_path, MountFlags::BIND | flags, ""))
-        .and_then(|()| mount_move(&staged_path, target));
+        .map_err(io::Error::from)
+        .and_then(|()| match all_read_only {
+            true => make_all_read_only(&staged_path),
+            false => Ok(()),
+        })
+        .and_then(|()| mount_move(&staged_path, target).map_err(io::Error::from));
     if moved.is_err() {
         let _ = unmount(&staged_path, UnmountFlags::DETACH);
     }
     // Empty again: the mount moved away (or was undone).
     let _ = fs::remove_dir(&staged_path).or_else(|_| fs::remove_file(&staged_path));
-    moved.map_err(|e| io_err("cannot bind-mount", target)(e.into()))
+    moved.map_err(io_err("cannot bind-mount", target))
+}
+
+/// Makes the mount at `path` and every mount below it read-only (mount_setattr(2) with
+/// AT_RECURSIVE; Linux 5.12 and later).
+fn make_all_read_only(path: &Path) -> io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` is a mount_attr of the size passed; the
+    // kernel only reads both during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A volume's host path must be absolute, without `..`, and exist.
@@ -401,12 +456,14 @@ mod tests {
                 host_path: data.path().to_owned(),
                 container_path: "/data".into(),
                 read_only: false,
+                recursive_read_only: false,
                 propagation: Propagation::Private,
             },
             Volume {
                 host_path: config.clone(),
                 container_path: "/etc/config".into(),
                 read_only: true,
+                recursive_read_only: false,
                 propagation: Propagation::Private,
             },
         ];
@@ -433,6 +490,7 @@ mod tests {
             host_path: "etc".into(),
             container_path: "/etc".into(),
             read_only: true,
+            recursive_read_only: false,
             propagation: Propagation::Private,
         }];
         assert!(attach(&share, "c3", image.path(), &relative).is_err());
@@ -440,6 +498,7 @@ mod tests {
             host_path: data.path().join("absent"),
             container_path: "/absent".into(),
             read_only: true,
+            recursive_read_only: false,
             propagation: Propagation::Private,
         }];
         assert!(attach(&share, "c3", image.path(), &missing).is_err());
@@ -472,6 +531,7 @@ mod tests {
             host_path: host.path().to_owned(),
             container_path: "/v".into(),
             read_only: false,
+            recursive_read_only: false,
             propagation,
         };
         attach(
@@ -500,6 +560,60 @@ mod tests {
         remove(&share).unwrap();
         unmount(&tmpfs, UnmountFlags::DETACH).unwrap();
         unmount(host.path(), UnmountFlags::DETACH).unwrap();
+        assert!(mounts_below(sandbox.path(), true).is_empty());
+    }
+
+    #[test]
+    fn read_only_volumes_leave_mounts_below_writable_unless_recursive() {
+        let sandbox = tempfile::tempdir_in("/run").unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir_in("/run").unwrap();
+        let tmpfs = host.path().join("tmpfs");
+        fs::create_dir(&tmpfs).unwrap();
+        rustix::mount::mount("tmpfs", &tmpfs, "tmpfs", MountFlags::empty(), None).unwrap();
+        let share = create(sandbox.path()).unwrap();
+        let volume = |recursive_read_only, propagation| Volume {
+            host_path: host.path().to_owned(),
+            container_path: "/v".into(),
+            read_only: true,
+            recursive_read_only,
+            propagation,
+        };
+        attach(
+            &share,
+            "plain",
+            image.path(),
+            &[volume(false, Propagation::Private)],
+        )
+        .unwrap();
+        attach(
+            &share,
+            "recursive",
+            image.path(),
+            &[volume(true, Propagation::Private)],
+        )
+        .unwrap();
+        let write =
+            |id: &str, path: &str| fs::write(share.join(volume_path(id, 0)).join(path), b"x");
+        assert!(write("plain", "top").is_err());
+        write("plain", "tmpfs/below").unwrap();
+        let refused = write("recursive", "tmpfs/below2").unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+        // Recursive read-only is for read-only private volumes only.
+        for bad in [
+            Volume {
+                read_only: false,
+                ..volume(true, Propagation::Private)
+            },
+            volume(true, Propagation::HostToContainer),
+        ] {
+            assert!(matches!(
+                attach(&share, "bad", image.path(), &[bad]),
+                Err(ShareError::BadVolume(..))
+            ));
+        }
+        remove(&share).unwrap();
+        unmount(&tmpfs, UnmountFlags::DETACH).unwrap();
         assert!(mounts_below(sandbox.path(), true).is_empty());
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crx_image::RunConfig;
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
+    Capabilities, Capability, Linux, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
     LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp,
     ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
@@ -181,30 +181,38 @@ impl SecurityContext {
             }
         }
         linux.set_seccomp(self.seccomp.clone().filter(|_| !self.privileged));
-        let mut namespaces: Vec<LinuxNamespace> = linux
-            .namespaces()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
-            .collect();
-        let pid_path = match &self.pid_namespace {
-            PidNamespace::Container => Some(None),
-            PidNamespace::Pod => Some(Some(crx_agent_proto::POD_PID_NAMESPACE.to_owned())),
-            PidNamespace::Target(id) => Some(Some(crx_agent_proto::container_pid_namespace(id))),
-            PidNamespace::Vm => None,
-        };
-        if let Some(path) = pid_path {
-            let mut pid = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid);
-            if let Some(path) = path {
-                pid = pid.path(path);
-            }
-            namespaces.push(pid.build()?);
-        }
-        linux.set_namespaces(Some(namespaces));
+        set_pid_namespace(&mut linux, &self.pid_namespace)?;
         spec.set_linux(Some(linux));
         Ok(())
     }
+}
+
+/// Puts the processes of a container with settings `linux` in `namespace`: a `pid` entry
+/// without a path (its own), with the agent's path for the pod's or a container's, or none (the
+/// VM's).
+pub fn set_pid_namespace(linux: &mut Linux, namespace: &PidNamespace) -> Result<(), SpecError> {
+    let mut namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
+        .collect();
+    let path = match namespace {
+        PidNamespace::Container => Some(None),
+        PidNamespace::Pod => Some(Some(crx_agent_proto::POD_PID_NAMESPACE.to_owned())),
+        PidNamespace::Target(id) => Some(Some(crx_agent_proto::container_pid_namespace(id))),
+        PidNamespace::Vm => None,
+    };
+    if let Some(path) = path {
+        let mut pid = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid);
+        if let Some(path) = path {
+            pid = pid.path(path);
+        }
+        namespaces.push(pid.build()?);
+    }
+    linux.set_namespaces(Some(namespaces));
+    Ok(())
 }
 
 /// A capability by name, with or without `CAP_`, any case.

@@ -18,10 +18,11 @@ use crx_agent_proto::{
 use crx_core::builder::default_guest_dir;
 use crx_core::{start_vm, ConsoleOutput, VmConfig, VmExit, Vmm};
 use crx_runtime::agent::{connect_vsock, AgentClient, AgentError, StdioAttachment};
+use crx_runtime::spec::{set_pid_namespace, PidNamespace};
 use crx_virtio::{DeviceConfig, FsConfig, VsockConfig};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 use sha2::{Digest, Sha256};
 
@@ -547,35 +548,35 @@ fn agent_runs_containers() {
     );
     assert_eq!(exit.status, code(0));
 
+    // A seccomp profile from the spec: chmod refused, everything else allowed.
+    let mut filtered = spec("chmod 700 /tmp; grep Seccomp: /proc/self/status");
+    let profile = serde_json::from_value(serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO"}]
+    }))
+    .unwrap();
+    filtered
+        .linux_mut()
+        .as_mut()
+        .unwrap()
+        .set_seccomp(Some(profile));
+    let (out, err, _) = collect(run(&pod, &mut client, "seccomp", &filtered, false));
+    assert!(err.contains("Operation not permitted"), "{err:?}");
+    assert_eq!(out, "Seccomp:\t2\n");
+
     // Pid namespaces: containers in the pod's share one whose PID 1 is the agent's pause
     // process and see each other; one in the VM's sees every process of the VM; a main
     // process that is not its namespace's PID 1 takes the rest of its container with it.
-    let with_pid_namespace = |script: &str, path: Option<Option<&str>>| {
+    let with_pid_namespace = |script: &str, namespace: PidNamespace| {
         let mut spec = spec(script);
-        let linux = spec.linux_mut().as_mut().unwrap();
-        let mut namespaces: Vec<_> = linux
-            .namespaces()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
-            .collect();
-        if let Some(path) = path {
-            let mut pid = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid);
-            if let Some(path) = path {
-                pid = pid.path(path);
-            }
-            namespaces.push(pid.build().unwrap());
-        }
-        linux.set_namespaces(Some(namespaces));
+        set_pid_namespace(spec.linux_mut().as_mut().unwrap(), &namespace).unwrap();
         spec
     };
-    let pod_ns = Some(Some(crx_agent_proto::POD_PID_NAMESPACE));
     let (_p1_in, mut p1_out) = run(
         &pod,
         &mut client,
         "p1",
-        &with_pid_namespace("echo $$; exec sh -c 'sleep 600; true'", pod_ns),
+        &with_pid_namespace("echo $$; exec sh -c 'sleep 600; true'", PidNamespace::Pod),
         false,
     )
     .split();
@@ -591,7 +592,7 @@ fn agent_runs_containers() {
         &pod,
         &mut client,
         "p2",
-        &with_pid_namespace(&format!("{pid1}; {count}"), pod_ns),
+        &with_pid_namespace(&format!("{pid1}; {count}"), PidNamespace::Pod),
         false,
     ));
     let lines: Vec<&str> = out.lines().collect();
@@ -603,7 +604,7 @@ fn agent_runs_containers() {
         &pod,
         &mut client,
         "vm",
-        &with_pid_namespace(&format!("{pid1}; {count}"), None),
+        &with_pid_namespace(&format!("{pid1}; {count}"), PidNamespace::Vm),
         false,
     ));
     let lines: Vec<&str> = out.lines().collect();
@@ -625,11 +626,18 @@ fn agent_runs_containers() {
         &pod,
         &mut client,
         "p3",
-        &with_pid_namespace(gone, pod_ns),
+        &with_pid_namespace(gone, PidNamespace::Pod),
         false,
     ));
     assert_eq!(out, "0\n", "p1's sleep outlived p1");
-    let stray = with_pid_namespace("true", Some(Some("/proc/1/ns/pid")));
+    let mut stray = spec("true");
+    let linux = stray.linux_mut().as_mut().unwrap();
+    set_pid_namespace(linux, &PidNamespace::Pod).unwrap();
+    let mut namespaces = linux.namespaces().clone().unwrap();
+    for ns in &mut namespaces {
+        ns.set_path(Some("/proc/1/ns/pid".into())); // a path of the VM, not a namespace it names
+    }
+    linux.set_namespaces(Some(namespaces));
     assert_eq!(
         remote_code(client.create_container("stray", rootfs(), &stray, false, Vec::new())),
         ErrorCode::BadRequest
@@ -652,7 +660,7 @@ fn agent_runs_containers() {
         Some(ExitKind::Signal(9))
     );
     for id in [
-        "exit3", "big", "cat", "user", "a", "b", "ro", "masked", "p1", "p2", "vm", "p3",
+        "exit3", "big", "cat", "user", "a", "b", "ro", "masked", "seccomp", "p1", "p2", "vm", "p3",
     ] {
         client
             .remove_container(id)
@@ -788,7 +796,6 @@ fn agent_survives_hostile_requests_oom_and_fork_bombs() {
         fs_tag: TAG.into(),
         path: path.into(),
         destination: destination.into(),
-        read_only: true,
     };
     for (volumes, code) in [
         (vec![volume("../../etc", "/etc2")], ErrorCode::BadRequest),

@@ -16,6 +16,7 @@ use crx_runtime::pod::{
     build_template, create_pod, remove_pod, stop_container, PodRequest, COMMAND_LABEL, IMAGE_LABEL,
 };
 use crx_runtime::sandbox::{Sandbox, DEFAULT_RUN_ROOT};
+use crx_runtime::share::{Propagation, Volume};
 use crx_runtime::spec::ProcessOverrides;
 use crx_runtime::template::templates_dir;
 
@@ -117,6 +118,10 @@ pub struct RunArgs {
     /// see `crx template build`).
     #[arg(long)]
     cold: bool,
+    /// Bind a host file or directory into the container, read-only with `:ro` (repeatable;
+    /// HOST may be relative to the working directory).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro|:rw]")]
+    volumes: Vec<String>,
     #[command(flatten)]
     network: NetworkArgs,
     #[command(flatten)]
@@ -229,6 +234,7 @@ pub fn run(cmd: PodCommand) -> anyhow::Result<i32> {
                 template: true,
                 // Only whether there is one counts: each pod's network is its own.
                 network: with_network.then(NetworkConfig::default),
+                volumes: Vec::new(),
             };
             let dir = build_template(&runtime.dir(), &request)?;
             println!("{}", dir.display());
@@ -278,6 +284,31 @@ pub fn run(cmd: PodCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// `HOST:CONTAINER[:ro|:rw]` as a volume: the host path made absolute and resolved (it must
+/// exist), the container path absolute.
+fn parse_volume(spec: &str) -> anyhow::Result<Volume> {
+    let bad = || anyhow::anyhow!("volume {spec:?} is not HOST:CONTAINER[:ro|:rw]");
+    let mut parts = spec.split(':');
+    let (host, container) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
+    let read_only = match parts.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(_) => return Err(bad()),
+    };
+    if host.is_empty() || !container.starts_with('/') || parts.next().is_some() {
+        return Err(bad());
+    }
+    let host_path = std::fs::canonicalize(host)
+        .with_context(|| format!("volume {spec:?}: host path {host:?}"))?;
+    Ok(Volume {
+        host_path,
+        container_path: container.to_owned(),
+        read_only,
+        recursive_read_only: false,
+        propagation: Propagation::Private,
+    })
+}
+
 fn run_container(args: RunArgs) -> anyhow::Result<i32> {
     let store = args.store.open()?;
     let image = resolve_image(&store, &args.image)?;
@@ -303,6 +334,11 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
         boot_timeout: BOOT_TIMEOUT,
         template: !args.cold,
         network: args.network.config(),
+        volumes: args
+            .volumes
+            .iter()
+            .map(|v| parse_volume(v))
+            .collect::<anyhow::Result<_>>()?,
     };
     let run_root = &args.runtime.dir();
     let mut pod = create_pod(run_root, &store, &image, &request)
@@ -559,4 +595,30 @@ fn stop(run_root: &Path, id: &str, grace: Duration) -> anyhow::Result<()> {
     }
     println!("{id}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_parse_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().display().to_string();
+        let rw = parse_volume(&format!("{host}:/data")).unwrap();
+        assert_eq!(rw.host_path, dir.path().canonicalize().unwrap());
+        assert_eq!((rw.container_path.as_str(), rw.read_only), ("/data", false));
+        assert!(parse_volume(&format!("{host}:/data:ro")).unwrap().read_only);
+        assert!(!parse_volume(&format!("{host}:/data:rw")).unwrap().read_only);
+        for bad in [
+            host.clone(),
+            format!("{host}:data"),
+            format!("{host}:/data:rx"),
+            format!("{host}:/data:ro:x"),
+            ":/data".to_string(),
+            format!("{host}/missing:/data"),
+        ] {
+            assert!(parse_volume(&bad).is_err(), "{bad} was accepted");
+        }
+    }
 }

@@ -185,6 +185,71 @@ fn crx_run_streams_stdio_and_returns_the_exit_code_and_leaves_nothing_behind() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("to-stderr"));
     env.assert_clean();
 
+    // Volumes: a directory read-write (the host sees what the container writes), a file
+    // read-only, a read-only directory with a tmpfs mounted below it (which stays writable, as
+    // with a non-recursive read-only bind on a host); a missing host path is refused before
+    // any VM starts.
+    let data = env.scratch.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("in"), "from the host\n").unwrap();
+    let setting = env.scratch.join("setting");
+    std::fs::write(&setting, "s=1\n").unwrap();
+    let fixed = env.scratch.join("fixed");
+    std::fs::create_dir_all(fixed.join("scratch")).unwrap();
+    let tmpfs = fixed.join("scratch");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&tmpfs)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let out = env.output(&[
+        "run",
+        "--cold",
+        "-v",
+        &format!("{}:/data", data.display()),
+        "-v",
+        &format!("{}:/etc/setting:ro", setting.display()),
+        "-v",
+        &format!("{}:/fixed:ro", fixed.display()),
+        &env.layout(),
+        "--",
+        "sh",
+        "-c",
+        "cat /data/in /etc/setting; echo from-vm > /data/out; \
+         echo x > /etc/setting || echo read-only; touch /fixed/top || echo top-read-only; \
+         echo below > /fixed/scratch/file && echo below-writable",
+    ]);
+    println!("crx-vm-boot: crx run -v");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from the host\ns=1\nread-only\ntop-read-only\nbelow-writable\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(data.join("out")).unwrap(),
+        "from-vm\n"
+    );
+    assert_eq!(std::fs::read_to_string(&setting).unwrap(), "s=1\n");
+    assert_eq!(
+        std::fs::read_to_string(tmpfs.join("file")).unwrap(),
+        "below\n"
+    );
+    let unmounted = Command::new("umount").arg(&tmpfs).status().unwrap();
+    assert!(unmounted.success());
+    env.assert_clean();
+    let missing = env.scratch.join("missing");
+    let out = env.output(&[
+        "run",
+        "-v",
+        &format!("{}:/m", missing.display()),
+        &env.layout(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host path"));
+    env.assert_clean();
+
     // stdin (-i), and a signal: 128 + 9.
     let mut child = env
         .crx(&[

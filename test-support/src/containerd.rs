@@ -41,20 +41,11 @@ pub struct Containerd {
     child: Child,
 }
 
-fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-    assert!(
-        found,
-        "`{tool}` is not installed (setup/apt-packages.txt lists it)"
-    );
-}
-
 impl Containerd {
     /// Starts containerd with everything under `dir`; waits until it listens.
     pub fn start(dir: &Path, config: &ContainerdConfig<'_>) -> Containerd {
         for tool in ["containerd", "containerd-shim-runc-v2", "runc", "ctr"] {
-            require_tool(tool);
+            crate::require_tool(tool);
         }
         std::fs::create_dir_all(dir).expect("containerd's dir");
         let net = dir.join("net.d");

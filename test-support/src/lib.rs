@@ -25,13 +25,22 @@ pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Fail (never skip) when a tool the tests need is missing.
 pub fn require_tools() {
     for tool in ["docker-registry", "skopeo", "umoci"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-        assert!(found, "`{tool}` is not installed: run `apt-get install docker-registry skopeo umoci` (setup/apt-packages.txt lists them)");
+        require_tool(tool);
     }
     assert!(
         Path::new("/bin/busybox").is_file(),
         "/bin/busybox missing: apt-get install busybox-static"
+    );
+}
+
+/// Panics unless `tool` is a file in a `PATH` directory, naming the list of packages setup.sh
+/// installs.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+    assert!(
+        found,
+        "`{tool}` is not installed (setup/apt-packages.txt lists its package; ./setup.sh installs it)"
     );
 }
 

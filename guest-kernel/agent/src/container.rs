@@ -18,6 +18,7 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, MountBuilder, PosixRlimitType, Spec};
+use seccompiler::BpfProgram;
 
 use crate::cgroup::Cgroup;
 use crate::reaper::{Exit, Reaper};
@@ -150,6 +151,8 @@ pub struct Container {
     dir: PathBuf,
     spec: Spec,
     pid_mode: PidMode,
+    /// The spec's seccomp profile, compiled (empty: unconfined); every process gets it.
+    seccomp: Arc<Vec<BpfProgram>>,
     terminal: bool,
     cgroup: Cgroup,
     main: Arc<Process>,
@@ -250,7 +253,13 @@ impl Agent {
             .as_ref()
             .ok_or_else(|| fail(ErrorCode::BadRequest, "the spec has no process"))?;
         let terminal = req.terminal || process.terminal().unwrap_or(false);
-        plan_process(process, terminal)?; // refuse a bad process now, not at start
+        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            Some(profile) => crate::seccomp::compile(profile)
+                .map_err(|e| fail(ErrorCode::BadRequest, format!("seccomp profile: {e}")))?,
+            None => Vec::new(),
+        };
+        let seccomp = Arc::new(seccomp);
+        plan_process(process, terminal, &seccomp)?; // refuse a bad process now, not at start
         let pid_mode = PidMode::of(&spec)?;
         let rootfs = req
             .rootfs
@@ -311,6 +320,7 @@ impl Agent {
             dir,
             spec,
             pid_mode,
+            seccomp,
             terminal,
             cgroup,
             main: Arc::default(),
@@ -327,8 +337,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Appends `volumes` to the spec's mounts: bind mounts (recursive, read-only if asked)
-    /// of paths in virtio-fs shares, which must exist.
+    /// Appends `volumes` to the spec's mounts: recursive bind mounts of paths in virtio-fs
+    /// shares, which must exist (writable: the host's share decides what may be written).
     fn add_volumes(&self, spec: &mut Spec, volumes: &[Volume]) -> Result<()> {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for volume in volumes {
@@ -343,10 +353,7 @@ impl Agent {
                     format!("volume {:?} is not on {}", volume.path, volume.fs_tag),
                 ));
             }
-            let mut options = vec!["rbind".to_owned()];
-            if volume.read_only {
-                options.push("ro".to_owned());
-            }
+            let options = vec!["rbind".to_owned()];
             let mount = MountBuilder::default()
                 .destination(&volume.destination)
                 .typ("bind")
@@ -389,7 +396,7 @@ impl Agent {
         }
         let spec = &container.spec;
         let process = spec.process().as_ref().expect("checked at create");
-        let plan = plan_process(process, container.terminal)?;
+        let plan = plan_process(process, container.terminal, &container.seccomp)?;
         let rootfs = container.rootfs();
         let linux = spec.linux().as_ref();
         let paths = |list: Option<&Vec<String>>| -> Result<Vec<PathBuf>> {
@@ -434,7 +441,7 @@ impl Agent {
             .process()
             .as_ref()
             .expect("checked at create");
-        let mut plan = plan_process(spec_process, req.terminal)?;
+        let mut plan = plan_process(spec_process, req.terminal, &container.seccomp)?;
         if req.args.is_empty() {
             return Err(fail(ErrorCode::BadRequest, "exec without args"));
         }
@@ -676,7 +683,11 @@ fn parse_env(env: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn plan_process(process: &oci_spec::runtime::Process, terminal: bool) -> Result<ProcessPlan> {
+fn plan_process(
+    process: &oci_spec::runtime::Process,
+    terminal: bool,
+    seccomp: &Arc<Vec<BpfProgram>>,
+) -> Result<ProcessPlan> {
     let args = process.args().clone().unwrap_or_default();
     if args.is_empty() {
         return Err(fail(ErrorCode::BadRequest, "process.args is empty"));
@@ -713,6 +724,7 @@ fn plan_process(process: &oci_spec::runtime::Process, terminal: bool) -> Result<
         },
         rlimits,
         no_new_privs: process.no_new_privileges().unwrap_or(false),
+        seccomp: Arc::clone(seccomp),
         terminal,
     })
 }

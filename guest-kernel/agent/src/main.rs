@@ -21,7 +21,6 @@ mod forward;
 mod init_signal;
 mod reaper;
 mod sandbox;
-#[allow(dead_code)] // wired into spawn by the lead
 mod seccomp;
 mod server;
 mod spawn;

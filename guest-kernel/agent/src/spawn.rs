@@ -20,7 +20,8 @@
 //! container's devpts, so `tty` names `/dev/pts/N`; its master goes back to the agent over a
 //! socketpair with SCM_RIGHTS), the capability bounding set, user and groups (keeping
 //! capabilities across setuid), then permitted/effective/inheritable/ambient capabilities,
-//! `no_new_privs`, and the working directory; `execvp` resolves the program with the
+//! `no_new_privs`, the seccomp filters (before the user changes when there is no
+//! `no_new_privs`, as runc does), and the working directory; `execvp` resolves the program with the
 //! container's `PATH`. Any error ends the child before exec and comes back as the spawn error.
 
 use std::io::{self, IoSlice};
@@ -40,6 +41,8 @@ use nix::sys::socket::{
 use nix::unistd::{chdir, chroot, pivot_root, setsid, Gid, Pid, Uid};
 
 use crate::reaper::Reaper;
+use seccompiler::BpfProgram;
+use std::sync::Arc;
 
 /// A process as the container will run it (resolved from the spec or an exec request).
 #[derive(Clone, Debug)]
@@ -54,6 +57,8 @@ pub struct ProcessPlan {
     /// (resource, soft, hard)
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     pub no_new_privs: bool,
+    /// Seccomp filters (compiled from the spec's profile; empty: none).
+    pub seccomp: Arc<Vec<BpfProgram>>,
     pub terminal: bool,
 }
 
@@ -343,12 +348,20 @@ impl ChildSetup {
             )
             .map_err(|e| context("sending the terminal", e.into()))?;
         }
+        // Seccomp as runc installs it: without no_new_privs while the process still has
+        // CAP_SYS_ADMIN (before the user and capabilities change), with it as late as possible.
+        let install_seccomp =
+            || crate::seccomp::install(&plan.seccomp).map_err(|e| context("seccomp", e));
+        if !plan.no_new_privs {
+            install_seccomp()?;
+        }
         set_user_and_caps(plan)?;
         if plan.no_new_privs {
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) only sets a flag on this process.
             if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
                 return Err(context("no_new_privs", io::Error::last_os_error()));
             }
+            install_seccomp()?;
         }
         chdir(&plan.cwd).map_err(|e| context(&format!("chdir {:?}", plan.cwd), e.into()))
     }

@@ -82,6 +82,10 @@ impl Virtiofsd {
             .arg(format!("--tag={}", config.tag))
             .arg(format!("--sandbox={}", config.sandbox.as_arg()))
             .arg("--cache=auto")
+            // Mounts below the shared directory (a volume's own submounts) stay mounts of their
+            // own in the guest, so a read-only bind of a volume leaves them as they are, as a
+            // non-recursive read-only mount does on a host.
+            .arg("--announce-submounts")
             // Requests are served one after another, in ring order: what lets the device fail the
             // requests still in flight when virtiofsd dies (see `orphaned`).
             .arg("--thread-pool-size=0")
