@@ -10,10 +10,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskStart,
 };
-use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
@@ -651,6 +652,47 @@ impl containerd_shim::Task for Service {
                 pid: Self::vmm_pid(&state),
                 ..Default::default()
             }],
+            ..Default::default()
+        })
+    }
+
+    /// The container's cgroup in the VM as cgroup v2 metrics (CPU time, memory use and limit,
+    /// process count), what `ctr task metrics` and containerd's CRI stats read.
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let mut state = self.state();
+        Self::process(&state, &req.id, "")?;
+        let vm = state
+            .vm
+            .as_mut()
+            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let reply = vm
+            .agent
+            .stats(&[req.id.as_str()])
+            .map_err(|e| internal(format!("stats of {}: {e}", req.id)))?;
+        let stats = reply
+            .containers
+            .into_iter()
+            .find(|c| c.container_id == req.id)
+            .ok_or_else(|| internal(format!("the agent has no stats of {}", req.id)))?;
+        let mut metrics = Metrics::new();
+        let mut cpu = CPUStat::new();
+        cpu.usage_usec = stats.cpu_usage_usec;
+        metrics.cpu = MessageField::some(cpu);
+        let mut memory = MemoryStat::new();
+        memory.usage = stats.memory_usage_bytes;
+        memory.usage_limit = stats.memory_limit_bytes;
+        metrics.memory = MessageField::some(memory);
+        let mut pids = PidsStat::new();
+        pids.current = stats.pids_current;
+        metrics.pids = MessageField::some(pids);
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| internal(format!("encoding the metrics: {e}")))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
             ..Default::default()
         })
     }

@@ -272,6 +272,22 @@ fn ctr_runs_containers_in_crx_vms() {
         "{}",
         text(&exec)
     );
+    // Its metrics: the container's cgroup in the VM (cgroup v2 figures).
+    let metrics = s.ctr(&["task", "metrics", "daemon"]);
+    let shown_metrics = text(&metrics);
+    assert!(
+        metrics.status.success(),
+        "ctr task metrics: {shown_metrics}"
+    );
+    let value = |name: &str| -> u64 {
+        String::from_utf8_lossy(&metrics.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {shown_metrics}"))
+    };
+    assert!(value("pids.current") >= 1, "{shown_metrics}");
+    assert!(value("memory.usage") > 0, "{shown_metrics}");
     s.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "daemon"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while s.task_status("daemon").as_deref() != Some("STOPPED") {
