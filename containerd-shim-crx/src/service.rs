@@ -60,6 +60,15 @@ struct State {
     tasks: HashMap<String, Task>,
 }
 
+impl State {
+    /// The pod's running VM, or the error every request that needs one answers without it.
+    fn running_vm(&mut self) -> TtrpcResult<&mut PodVm> {
+        self.vm
+            .as_mut()
+            .ok_or_else(|| internal("the pod VM is gone"))
+    }
+}
+
 pub struct Service {
     settings: Result<Settings, String>,
     namespace: String,
@@ -245,10 +254,7 @@ impl Service {
                 format!("task {id} was started already"),
             ));
         }
-        let vm = state
-            .vm
-            .as_mut()
-            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let vm = state.running_vm()?;
         let attachment = Self::attach(vm, id, "")?;
         vm.agent
             .start_container(id)
@@ -284,10 +290,7 @@ impl Service {
                 format!("exec {exec_id} was started already"),
             )
         })?;
-        let vm = state
-            .vm
-            .as_mut()
-            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let vm = state.running_vm()?;
         let user = spec.user();
         vm.agent
             .exec_process(ExecProcess {
@@ -506,10 +509,7 @@ impl containerd_shim::Task for Service {
             }
             _ => {}
         }
-        let vm = state
-            .vm
-            .as_mut()
-            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let vm = state.running_vm()?;
         vm.agent
             .signal_process(&req.id, &req.exec_id, signal)
             .map_err(|e| internal(format!("signalling {}: {e}", req.id)))?;
@@ -665,10 +665,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let mut state = self.state();
         Self::process(&state, &req.id, "")?;
-        let vm = state
-            .vm
-            .as_mut()
-            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let vm = state.running_vm()?;
         let reply = vm
             .agent
             .stats(&[req.id.as_str()])
@@ -721,10 +718,7 @@ impl containerd_shim::Task for Service {
                 .map_err(|e| error(Code::INVALID_ARGUMENT, format!("the resources: {e}")))?;
         let mut state = self.state();
         Self::process(&state, &req.id, "")?;
-        let vm = state
-            .vm
-            .as_mut()
-            .ok_or_else(|| internal("the pod VM is gone"))?;
+        let vm = state.running_vm()?;
         vm.agent
             .update_container(&req.id, &resources)
             .map_err(|e| internal(format!("updating {}: {e}", req.id)))?;
