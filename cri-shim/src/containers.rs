@@ -19,7 +19,7 @@ use crx_runtime::pod::{add_container, exit_code, remove_container, stop_containe
 use crx_runtime::sandbox::Sandbox;
 use crx_runtime::seccomp;
 use crx_runtime::share::{Propagation, Volume};
-use crx_runtime::spec::{exec_env, PidNamespace, ProcessOverrides, SecurityContext};
+use crx_runtime::spec::{exec_env, PidNamespace, ProcessOverrides, Seccomp, SecurityContext};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder,
@@ -139,7 +139,7 @@ fn security_context(
         })
         .collect::<Result<_, _>>()?;
     let paths = |list: &Vec<String>| (!list.is_empty()).then(|| list.clone());
-    let mut context = SecurityContext {
+    Ok(SecurityContext {
         privileged: security.privileged,
         add_capabilities: capabilities.add_capabilities,
         drop_capabilities: capabilities.drop_capabilities,
@@ -149,46 +149,25 @@ fn security_context(
         no_new_privs: security.no_new_privs,
         supplemental_groups: groups,
         pid_namespace,
-        seccomp: None,
-    };
-    context.seccomp = match seccomp_choice(security)? {
-        Seccomp::Unconfined => None,
-        Seccomp::RuntimeDefault => {
-            let capabilities = context
-                .capabilities()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Some(seccomp::runtime_default(
-                &capabilities.into_iter().collect::<Vec<_>>(),
-            ))
-        }
-        Seccomp::Localhost(path) => Some(
-            seccomp::load_profile(Path::new(&path))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-        ),
-    };
-    Ok(context)
-}
-
-/// The seccomp profile a container asks for.
-enum Seccomp {
-    Unconfined,
-    RuntimeDefault,
-    /// A profile file on this host.
-    Localhost(String),
+        seccomp: seccomp_of(security)?,
+    })
 }
 
 /// The `seccomp` field, or else the deprecated `seccomp_profile_path` (`runtime/default`,
 /// `docker/default`, `unconfined`, `localhost/<absolute path>`); neither set is unconfined,
-/// as with containerd.
-fn seccomp_choice(security: &cri::LinuxContainerSecurityContext) -> Result<Seccomp, Status> {
+/// as with containerd. A Localhost profile is read from its file here.
+fn seccomp_of(security: &cri::LinuxContainerSecurityContext) -> Result<Seccomp, Status> {
+    let localhost = |path: &str| {
+        seccomp::load_profile(Path::new(path))
+            .map(Seccomp::Profile)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    };
     if let Some(profile) = &security.seccomp {
-        return Ok(match profile.profile_type() {
-            cri::security_profile::ProfileType::RuntimeDefault => Seccomp::RuntimeDefault,
-            cri::security_profile::ProfileType::Unconfined => Seccomp::Unconfined,
-            cri::security_profile::ProfileType::Localhost => {
-                Seccomp::Localhost(profile.localhost_ref.clone())
-            }
-        });
+        return match profile.profile_type() {
+            cri::security_profile::ProfileType::RuntimeDefault => Ok(Seccomp::RuntimeDefault),
+            cri::security_profile::ProfileType::Unconfined => Ok(Seccomp::Unconfined),
+            cri::security_profile::ProfileType::Localhost => localhost(&profile.localhost_ref),
+        };
     }
     #[allow(deprecated)] // kubelets before 1.19's field
     let path = security.seccomp_profile_path.as_str();
@@ -196,10 +175,7 @@ fn seccomp_choice(security: &cri::LinuxContainerSecurityContext) -> Result<Secco
         "" | "unconfined" => Ok(Seccomp::Unconfined),
         "runtime/default" | "docker/default" => Ok(Seccomp::RuntimeDefault),
         _ => match path.strip_prefix("localhost/") {
-            Some(file) => Ok(Seccomp::Localhost(format!(
-                "/{}",
-                file.trim_start_matches('/')
-            ))),
+            Some(file) => localhost(&format!("/{}", file.trim_start_matches('/'))),
             None => Err(Status::invalid_argument(format!(
                 "unknown seccomp profile {path:?}"
             ))),

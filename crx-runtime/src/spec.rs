@@ -96,8 +96,19 @@ pub struct SecurityContext {
     /// Groups added to the process's supplementary groups.
     pub supplemental_groups: Vec<u32>,
     pub pid_namespace: PidNamespace,
-    /// The seccomp profile; `None` is unconfined.
-    pub seccomp: Option<LinuxSeccomp>,
+    pub seccomp: Seccomp,
+}
+
+/// A container's seccomp profile (Kubernetes' choice of one).
+#[derive(Debug, Clone, Default)]
+pub enum Seccomp {
+    /// None.
+    #[default]
+    Unconfined,
+    /// [`crate::seccomp::runtime_default`] for the capabilities the container gets.
+    RuntimeDefault,
+    /// This one (a Localhost profile, as read from its file).
+    Profile(LinuxSeccomp),
 }
 
 impl SecurityContext {
@@ -133,6 +144,14 @@ impl SecurityContext {
 
     fn apply(&self, spec: &mut Spec) -> Result<(), SpecError> {
         let caps = self.capabilities()?;
+        let seccomp = match &self.seccomp {
+            _ if self.privileged => None,
+            Seccomp::Unconfined => None,
+            Seccomp::RuntimeDefault => Some(crate::seccomp::runtime_default(
+                &caps.iter().copied().collect::<Vec<_>>(),
+            )),
+            Seccomp::Profile(profile) => Some(profile.clone()),
+        };
         if let Some(process) = spec.process_mut() {
             process.set_capabilities(Some(
                 LinuxCapabilitiesBuilder::default()
@@ -180,7 +199,7 @@ impl SecurityContext {
                 linux.set_readonly_paths(Some(paths.clone()));
             }
         }
-        linux.set_seccomp(self.seccomp.clone().filter(|_| !self.privileged));
+        linux.set_seccomp(seccomp);
         set_pid_namespace(&mut linux, &self.pid_namespace)?;
         spec.set_linux(Some(linux));
         Ok(())
@@ -610,7 +629,7 @@ mod tests {
             no_new_privs: true,
             supplemental_groups: vec![1234, 10, 1000],
             pid_namespace: PidNamespace::Pod,
-            seccomp: Some(LinuxSeccomp::default()),
+            seccomp: Seccomp::Profile(LinuxSeccomp::default()),
             ..Default::default()
         });
         let linux = confined.linux().as_ref().unwrap();
@@ -634,6 +653,24 @@ mod tests {
             pid_path(&confined),
             Some(Some(crx_agent_proto::POD_PID_NAMESPACE.into()))
         );
+        // RuntimeDefault is the profile for the capabilities the container gets.
+        let sys_admin = SecurityContext {
+            add_capabilities: vec!["SYS_ADMIN".into()],
+            seccomp: Seccomp::RuntimeDefault,
+            ..Default::default()
+        };
+        let expected = crate::seccomp::runtime_default(
+            &sys_admin
+                .capabilities()
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        let defaulted = spec_with(sys_admin);
+        assert_eq!(
+            defaulted.linux().as_ref().unwrap().seccomp().as_ref(),
+            Some(&expected)
+        );
         let vm = spec_with(SecurityContext {
             pid_namespace: PidNamespace::Vm,
             ..Default::default()
@@ -652,7 +689,7 @@ mod tests {
             privileged: true,
             no_new_privs: true,
             masked_paths: Some(vec!["/bin/ls".into()]),
-            seccomp: Some(LinuxSeccomp::default()),
+            seccomp: Seccomp::Profile(LinuxSeccomp::default()),
             ..Default::default()
         });
         let linux = privileged.linux().as_ref().unwrap();

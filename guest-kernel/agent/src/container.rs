@@ -22,7 +22,9 @@ use seccompiler::BpfProgram;
 
 use crate::cgroup::Cgroup;
 use crate::reaper::{Exit, Reaper};
-use crate::spawn::{self, CapsPlan, MountPlan, NewRoot, ProcessIo, ProcessPlan, Target};
+use crate::spawn::{
+    self, CapsPlan, MountPlan, NewRoot, ProcessIo, ProcessPlan, Target, TargetRoot,
+};
 use crate::{fail, io_fail, lock, Result};
 
 const FS_DIR: &str = "/run/crx/fs";
@@ -405,15 +407,15 @@ impl Agent {
                 .map(|p| relative_path(p).map(|r| Path::new("/").join(r)))
                 .collect()
         };
-        let target = Target::New {
-            root: NewRoot {
+        let target = Target {
+            root: TargetRoot::New(NewRoot {
                 mounts: plan_mounts(spec, &rootfs)?,
                 rootfs,
                 hostname: spec.hostname().clone(),
                 readonly_root: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
                 masked_paths: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
                 readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
-            },
+            }),
             pid: self.pid_namespace_for(&container)?,
         };
         let procs = container
@@ -458,12 +460,12 @@ impl Agent {
                 .map(OwnedFd::from)
                 .map_err(io_fail("opening the container's namespaces"))
         };
-        let target = Target::Existing {
-            pid_ns: ns("pid")?,
-            namespaces: vec![
+        let target = Target {
+            pid: spawn::PidNamespace::Join(ns("pid")?),
+            root: TargetRoot::Existing(vec![
                 (ns("mnt")?, CloneFlags::CLONE_NEWNS),
                 (ns("uts")?, CloneFlags::CLONE_NEWUTS),
-            ],
+            ]),
         };
         let procs = container
             .cgroup

@@ -92,7 +92,7 @@ pub struct MountPlan {
 pub enum PidNamespace {
     /// A new one: the main process is its PID 1.
     New,
-    /// An existing one (the pod's, or another container's).
+    /// An existing one (the pod's, another container's, or an exec's container's).
     Join(OwnedFd),
     /// The agent's (the VM's).
     Agent,
@@ -112,15 +112,18 @@ pub struct NewRoot {
     pub readonly_paths: Vec<PathBuf>,
 }
 
-/// Where the process goes.
-pub enum Target {
-    /// A new container.
-    New { root: NewRoot, pid: PidNamespace },
-    /// An existing container: its init's pid namespace, and mount and UTS namespaces.
-    Existing {
-        pid_ns: OwnedFd,
-        namespaces: Vec<(OwnedFd, CloneFlags)>,
-    },
+/// Where the process goes: its pid namespace and its root.
+pub struct Target {
+    pub pid: PidNamespace,
+    pub root: TargetRoot,
+}
+
+/// The root a process gets.
+pub enum TargetRoot {
+    /// A new container's.
+    New(NewRoot),
+    /// An existing container's: its mount and UTS namespaces.
+    Existing(Vec<(OwnedFd, CloneFlags)>),
 }
 
 /// The agent's ends of a started process's stdio.
@@ -194,9 +197,9 @@ pub fn spawn(
         plan: plan.clone(),
         cgroup_procs: cgroup_procs.as_raw_fd(),
         pty_socket: pty_socket.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
-        root: match &target {
-            Target::New { root, .. } => Root::New(root.clone()),
-            Target::Existing { namespaces, .. } => Root::Join(
+        root: match &target.root {
+            TargetRoot::New(root) => Root::New(root.clone()),
+            TargetRoot::Existing(namespaces) => Root::Join(
                 namespaces
                     .iter()
                     .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
@@ -221,20 +224,10 @@ pub fn spawn(
     let pid = std::thread::scope(|scope| {
         scope
             .spawn(|| -> io::Result<Pid> {
-                match &target {
-                    Target::New {
-                        pid: PidNamespace::New,
-                        ..
-                    } => unshare(CloneFlags::CLONE_NEWPID)?,
-                    Target::New {
-                        pid: PidNamespace::Join(pid_ns),
-                        ..
-                    }
-                    | Target::Existing { pid_ns, .. } => setns(pid_ns, CloneFlags::CLONE_NEWPID)?,
-                    Target::New {
-                        pid: PidNamespace::Agent,
-                        ..
-                    } => {}
+                match &target.pid {
+                    PidNamespace::New => unshare(CloneFlags::CLONE_NEWPID)?,
+                    PidNamespace::Join(pid_ns) => setns(pid_ns, CloneFlags::CLONE_NEWPID)?,
+                    PidNamespace::Agent => {}
                 }
                 reaper.spawn(|| command.spawn().map(|c| Pid::from_raw(c.id() as i32)))
             })
