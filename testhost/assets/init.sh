@@ -68,10 +68,23 @@ mount --bind "$n$MODULES_DIR" "$n/lib/modules/$release"
 if [ -n "$EXTRA_MODULES" ]; then
     chroot $n modprobe -a $EXTRA_MODULES || log "modprobe of some of: $EXTRA_MODULES failed"
 fi
+# Enable the static keys of the tc ingress path and of br_netfilter's hooks while one CPU is
+# online, as the agent does KVM's before it brings the others online (see its static_keys.rs): a
+# pod's tc redirect and its CNI bridge would otherwise make the L1 rewrite its code under a running
+# CPU each time a pod comes and goes (a bridge in a netns registers br_netfilter's hooks there).
+{ chroot $n /sbin/ip link add crx-keys-br type bridge &&
+    chroot $n /sbin/ip link add crx-keys0 type veth peer name crx-keys1 &&
+    chroot $n /sbin/tc qdisc add dev crx-keys0 ingress &&
+    chroot $n /sbin/tc filter add dev crx-keys0 ingress protocol all u32 match u32 0 0 action pass; } ||
+    log "cannot enable the tc and br_netfilter static keys"
 
 rm -f $n/etc/resolv.conf
 echo "nameserver 10.0.2.3" >$n/etc/resolv.conf
 hostname crx-testhost
+# Warnings and the stacks a soft lockup dumps (every CPU's) reach serial.log, which hang reports
+# quote; info messages (bridges, veths) stay off the slow emulated serial port.
+echo 5 >/proc/sys/kernel/printk
+echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
 
 log "switching root to the agent $AGENT"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root

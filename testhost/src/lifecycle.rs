@@ -26,9 +26,10 @@ use crate::{agent_binary, client};
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Modules the L1 loads with modprobe once its root is up, if the kernel has them: tap devices,
 /// vhost, vsock, CNI bridges and the tc pieces that join a pod's tap to its CNI interface
-/// (ingress qdisc, u32 filter, mirred redirect) for the VMMs under test.
+/// (ingress qdisc, u32 filter, mirred redirect) for the VMMs under test, and the pass action of
+/// the filter /init keeps so the tc static keys stay enabled.
 const EXTRA_MODULES: &str =
-    "tun vhost_net vhost_vsock bridge veth br_netfilter loop sch_ingress cls_u32 act_mirred";
+    "tun vhost_net vhost_vsock bridge veth br_netfilter loop sch_ingress cls_u32 act_mirred act_gact";
 
 /// The running L1, as recorded in `state.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,7 +59,11 @@ impl Launch<'_> {
             "none".into(),
             "-no-reboot".into(),
             "-append".into(),
-            format!("console=ttyS0 panic=-1 loglevel=4 crx.run={run}"),
+            // tsc=reliable: an AMD CPU model without invariant TSC makes Linux distrust the TSC
+            // of an SMP guest and read the emulated HPET (under QEMU's big lock) for every clock
+            // read; TCG's TSC is the host's, the same on every vCPU. maxcpus=1: the agent brings
+            // the other CPUs online itself (see its static_keys.rs).
+            format!("console=ttyS0 panic=-1 loglevel=4 tsc=reliable maxcpus=1 crx.run={run}"),
             "-serial".into(),
             format!("file:{run}/{SERIAL_LOG}"),
             "-monitor".into(),

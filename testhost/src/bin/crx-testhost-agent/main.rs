@@ -8,6 +8,7 @@ mod cgroup;
 mod command;
 mod cpu_pin;
 mod server;
+mod static_keys;
 mod supervisor;
 
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
-//! PID 1 of the L1: starts the serving agent as its child, reaps every orphan, and powers the L1
-//! off when the serving agent exits (idle timeout, shutdown request or crash).
+//! PID 1 of the L1: pins KVM's static keys and brings the other CPUs online (see
+//! [`crate::static_keys`]), starts the serving agent as its child, reaps every orphan, and powers the L1 off when the serving agent exits (idle
+//! timeout, shutdown request or crash).
 //!
 //! Keeping PID 1 apart from the server means the server can wait for its own commands while
 //! PID 1's `waitpid(-1)` reaps whatever they leave behind.
@@ -7,6 +8,12 @@
 use std::process::Command;
 
 pub fn run() -> ! {
+    // Held until power-off: PID 1 outlives every VM the tests make.
+    let _pins = crate::static_keys::pin_kvm()
+        .inspect_err(|e| tracing::warn!("cannot pin KVM's static keys: {e}"));
+    if let Err(e) = crate::static_keys::online_all_cpus() {
+        tracing::warn!("cannot bring every CPU online: {e}");
+    }
     let server = match Command::new("/proc/self/exe")
         .args(std::env::args_os().skip(1))
         .spawn()
