@@ -280,16 +280,10 @@ fn critest_image_and_runtime_info_groups() {
 const POD_FOCUS: &str =
     r"\[k8s\.io\] (PodSandbox|Container|Networking|Multiple Containers|Streaming)";
 /// What cannot pass in a pod VM, by design: a mount a container makes cannot reach the host's
-/// mount table (`rshared`: propagation from container to host). Not yet: the read-only mount
-/// specs remove their host path (a directory with a tmpfs mounted in it) while the pod runs,
-/// and the pod's container share holds binds of those mounts in the node's own mount namespace,
-/// where the directory then cannot be removed (EBUSY); the share needs a mount namespace of its
-/// own. (What they check before that passes: a read-only volume leaves the mounts below it
-/// writable, a recursive one does not — `crx run -v`'s and the share's tests.) AppArmor and
-/// SELinux are not in the guest kernel.
-const POD_SKIP: &str =
-    r"(?i)(rshared|should support (non-)?recursive readonly mounts|apparmor|selinux|benchmark)";
-/// Specs of [`POD_FOCUS`] that pass: all 40 that run (critest v1.32 names). "stopping
+/// mount table (`rshared`: propagation from container to host). AppArmor and SELinux are not in
+/// the guest kernel.
+const POD_SKIP: &str = r"(?i)(rshared|apparmor|selinux|benchmark)";
+/// Specs of [`POD_FOCUS`] that pass: all 42 that run (critest v1.32 names). "stopping
 /// container" needs a SIGTERM sent right after start (before `top` installs its handler, slow
 /// in the test host) to reach the container's init once it has one; "DNS config" the pod's
 /// resolv.conf in the container; the sysctl specs the pod's IPC namespace shared by its
@@ -335,6 +329,8 @@ const POD_MUST_PASS: &[&str] = &[
     "should reject a recursive readonly mount with PROPAGATION_HOST_TO_CONTAINER",
     "should reject a recursive readonly mount with PROPAGATION_BIDIRECTIONAL",
     "should reject a recursive readonly mount with ReadOnly: false",
+    "should support non-recursive readonly mounts",
+    "should support recursive readonly mounts",
 ];
 
 /// The security context and idempotence groups, also run in the test host.

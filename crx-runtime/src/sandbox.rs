@@ -355,6 +355,13 @@ impl Sandbox {
         if let Some((state, tap)) = network {
             pass_tap(&mut cmd, tap.as_fd(), &state.guest.mac);
         }
+        // The VMM, and the virtiofsd it starts, see the share's mounts in its namespace.
+        if let Some(share) = &container_share {
+            share::spawn_inside(&mut cmd, share).map_err(|source| SandboxError::Share {
+                id: config.id.clone(),
+                source,
+            })?;
+        }
         cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -4,33 +4,43 @@
 //! filesystem (`<id>/rootfs`, bind-mounted read-only) and its volumes (`<id>/volumes/<n>`, each
 //! a bind mount of a host path, read-only or not), mounted while the VM runs.
 //!
-//! Two mounts of one directory make that work (as Kata's shared directory does). The host mounts
+//! The share's mounts live in a mount namespace of its own, never in the host's: a mount there
+//! keeps nothing busy on the host (a host directory a volume's mounts sit on can still be
+//! removed, as with runc, whose binds live in the container's namespace). The namespace is a
+//! copy of the host's made when the share is, kept by an nsfs bind at
+//! `<sandbox dir>/containers.ns/mnt` ([`namespace_file`]); the VMM is started in it (so is its
+//! virtiofsd), and every change runs on a thread that enters it.
+//!
+//! Two mounts of one directory make the share work (as Kata's shared directory does). Mounts go
 //! into `<sandbox dir>/containers.src`, a bind mount of itself with shared propagation; the
 //! exported `containers` is a bind mount of it, a peer that receives every mount made in it,
 //! and is itself read-only. Both are made before the VMM starts, so later mounts reach
-//! virtiofsd's own mount namespace too (virtiofsd makes its mounts slaves of the host's) and the
+//! virtiofsd's own mount namespace too (virtiofsd makes its mounts slaves of the VMM's) and the
 //! guest sees a new container as a new directory of a share it already mounted. What the guest
 //! may write is decided here, on the host, mount by mount: nothing at the top of the share or in
 //! a container's directory (the read-only export), nothing in a root (a read-only bind), and
-//! only what a writable volume's own bind mount allows. A peer receives a copy of a mount as it
-//! is when it arrives, and a later remount changes only the original; so every bind is made and
-//! given its flags in `<sandbox dir>/containers.stage`, a private mount, and only then moved
-//! into the source.
+//! only what a writable volume's own bind mount allows. Each bind is a detached copy of its
+//! host path (open_tree(2), taken in the host's namespace, where the path is), given its flags
+//! and propagation (mount_setattr(2)) before it is attached (move_mount(2)), so the peers'
+//! copies get them too.
 //!
-//! Removing the share unmounts everything below it, checks in `/proc/self/mountinfo` that
+//! Removing the share unmounts everything below it, checks in the namespace's mountinfo that
 //! nothing is mounted there any more, and only then deletes entries one by one (never
 //! recursively): a delete through a live bind mount would reach into the image store or a
 //! volume.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Command;
 
 use rustix::mount::{
-    mount_bind, mount_bind_recursive, mount_change, mount_move, mount_remount, unmount, MountFlags,
-    MountPropagationFlags, UnmountFlags,
+    mount_bind, mount_change, mount_remount, move_mount, open_tree, unmount, MountFlags,
+    MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
 };
+use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 /// The virtio-fs tag of the container share.
 pub const CONTAINERS_TAG: &str = "containers";
@@ -38,8 +48,10 @@ pub const CONTAINERS_TAG: &str = "containers";
 const SHARE_DIR: &str = "containers";
 /// The directory the host mounts into, beside the share.
 const SOURCE_DIR: &str = "containers.src";
-/// Where binds get their flags before they move into the source, beside the share.
-const STAGE_DIR: &str = "containers.stage";
+/// The directory holding the nsfs bind of the share's mount namespace, beside the share.
+const NAMESPACE_DIR: &str = "containers.ns";
+/// The nsfs bind, in [`NAMESPACE_DIR`].
+const NAMESPACE_FILE: &str = "mnt";
 /// A container's root filesystem, inside its directory of the share.
 const ROOTFS: &str = "rootfs";
 /// A container's volumes, inside its directory of the share.
@@ -105,33 +117,134 @@ fn source_of(share: &Path) -> PathBuf {
     share.with_file_name(SOURCE_DIR)
 }
 
-/// Makes the share, its source and its stage in `sandbox_dir`; returns the share's path.
+/// The nsfs bind of the mount namespace the share `share`'s mounts live in.
+pub fn namespace_file(share: &Path) -> PathBuf {
+    share.with_file_name(NAMESPACE_DIR).join(NAMESPACE_FILE)
+}
+
+/// Makes the share and its source in a new mount namespace (a copy of this one, receiving its
+/// later mounts, sending none back) and binds that namespace at [`namespace_file`]; returns the
+/// share's path. `sandbox_dir` must be absolute.
 pub fn create(sandbox_dir: &Path) -> Result<PathBuf, ShareError> {
     let share = share_dir(sandbox_dir);
-    let source = source_of(&share);
-    let stage = share.with_file_name(STAGE_DIR);
-    let self_bind = |dir: &Path, propagation: MountPropagationFlags| {
-        fs::create_dir(dir).map_err(io_err("cannot create", dir))?;
-        mount_bind(dir, dir)
-            .and_then(|()| mount_change(dir, propagation))
-            .map_err(|e| io_err("cannot make a mount of its own at", dir)(e.into()))
-    };
-    let made = self_bind(&stage, MountPropagationFlags::PRIVATE)
-        .and_then(|()| self_bind(&source, MountPropagationFlags::SHARED))
-        .and_then(|()| fs::create_dir(&share).map_err(io_err("cannot create", &share)))
+    let ns_dir = share.with_file_name(NAMESPACE_DIR);
+    let ns_file = namespace_file(&share);
+    // A private mount to hold the nsfs bind: a bind of a mount namespace must not propagate.
+    let made = fs::create_dir(&ns_dir)
+        .map_err(io_err("cannot create", &ns_dir))
         .and_then(|()| {
-            mount_bind(&source, &share)
-                .and_then(|()| mount_remount(&share, MountFlags::BIND | MountFlags::RDONLY, ""))
-                .map_err(|e| io_err("cannot make a read-only peer mount at", &share)(e.into()))
+            mount_bind(&ns_dir, &ns_dir)
+                .and_then(|()| mount_change(&ns_dir, MountPropagationFlags::PRIVATE))
+                .map_err(|e| io_err("cannot make a mount of its own at", &ns_dir)(e.into()))
+        })
+        .and_then(|()| {
+            fs::File::create(&ns_file)
+                .map(drop)
+                .map_err(io_err("cannot create", &ns_file))
+        })
+        .and_then(|()| on_thread(None, || make_in_new_namespace(&share)))
+        .and_then(|ns| {
+            let ns_path = PathBuf::from(format!("/proc/self/fd/{}", ns.as_raw_fd()));
+            mount_bind(&ns_path, &ns_file).map_err(|e| {
+                io_err("cannot bind the share's mount namespace at", &ns_file)(e.into())
+            })
         });
     if let Err(e) = made {
-        for dir in [&share, &source, &stage] {
-            let _ = unmount(dir, UnmountFlags::DETACH);
+        let _ = unmount(&ns_file, UnmountFlags::DETACH);
+        let _ = unmount(&ns_dir, UnmountFlags::DETACH);
+        let _ = fs::remove_file(&ns_file);
+        for dir in [&share, &source_of(&share), &ns_dir] {
             let _ = fs::remove_dir(dir);
         }
         return Err(e);
     }
     Ok(share)
+}
+
+/// On a thread that has just unshared its mount namespace: makes every mount a slave, then the
+/// share and its source; returns the namespace.
+fn make_in_new_namespace(share: &Path) -> Result<OwnedFd, ShareError> {
+    // SAFETY: CLONE_NEWNS (with CLONE_FS, which it implies) gives only this thread its own mount
+    // namespace, root and working directory; no file descriptor table is unshared.
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS | UnshareFlags::NEWNS) }
+        .map_err(|e| io_err("cannot make a mount namespace for", share)(e.into()))?;
+    let root = Path::new("/");
+    mount_change(
+        root,
+        MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC,
+    )
+    .map_err(|e| io_err("cannot make the mounts slaves in the namespace of", share)(e.into()))?;
+    let source = source_of(share);
+    fs::create_dir(&source).map_err(io_err("cannot create", &source))?;
+    mount_bind(&source, &source)
+        .and_then(|()| mount_change(&source, MountPropagationFlags::SHARED))
+        .map_err(|e| io_err("cannot make a mount of its own at", &source)(e.into()))?;
+    fs::create_dir(share).map_err(io_err("cannot create", share))?;
+    mount_bind(&source, share)
+        .and_then(|()| mount_remount(share, MountFlags::BIND | MountFlags::RDONLY, ""))
+        .map_err(|e| io_err("cannot make a read-only peer mount at", share)(e.into()))?;
+    let ns_path = Path::new("/proc/thread-self/ns/mnt");
+    fs::File::open(ns_path)
+        .map(OwnedFd::from)
+        .map_err(io_err("cannot open", ns_path))
+}
+
+/// Runs `f` on a thread of its own that first enters the mount namespace `ns` (if any), so that
+/// no other thread of this process changes namespace.
+fn on_thread<T: Send>(
+    ns: Option<(&fs::File, &Path)>,
+    f: impl FnOnce() -> Result<T, ShareError> + Send,
+) -> Result<T, ShareError> {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            if let Some((ns, path)) = ns {
+                // SAFETY: CLONE_FS gives this thread its own root and working directory, which
+                // setns(2) into a mount namespace requires; no file descriptor table is unshared.
+                unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }
+                    .and_then(|()| {
+                        rustix::thread::move_into_link_name_space(
+                            ns.as_fd(),
+                            Some(LinkNameSpaceType::Mount),
+                        )
+                    })
+                    .map_err(|e| io_err("cannot enter the mount namespace at", path)(e.into()))?;
+            }
+            f()
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Runs `f` in the mount namespace of the share `share` (in this one if it has none: a share
+/// made before shares had namespaces, or one half made).
+fn in_namespace<T: Send>(
+    share: &Path,
+    f: impl FnOnce() -> Result<T, ShareError> + Send,
+) -> Result<T, ShareError> {
+    let file = namespace_file(share);
+    if !mounts_below(&file, true).contains(&file) {
+        return on_thread(None, f);
+    }
+    let ns = fs::File::open(&file).map_err(io_err("cannot open", &file))?;
+    on_thread(Some((&ns, &file)), f)
+}
+
+/// Has the process `cmd` starts run in the share `share`'s mount namespace.
+pub fn spawn_inside(cmd: &mut Command, share: &Path) -> Result<(), ShareError> {
+    let file = namespace_file(share);
+    let ns = OwnedFd::from(fs::File::open(&file).map_err(io_err("cannot open", &file))?);
+    // SAFETY: runs in the forked child before exec; setns(2) is async-signal-safe, and the child
+    // is single-threaded with its own root and working directory, as setns(2) into a mount
+    // namespace requires. The closure owns the descriptor, open until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Mount))
+                .map_err(io::Error::from)
+        });
+    }
+    Ok(())
 }
 
 /// Checks a container id used as a directory name in the share; returns its directory in the
@@ -159,50 +272,18 @@ pub fn volume_path(id: &str, index: usize) -> String {
 /// Mounts container `id`'s root (`rootfs`, read-only) and `volumes` (in order, as
 /// [`volume_path`] names them) into the share. On failure nothing of it is left.
 pub fn attach(share: &Path, id: &str, rootfs: &Path, volumes: &[Volume]) -> Result<(), ShareError> {
-    for volume in volumes {
-        check_volume(&volume.host_path)?;
-    }
     let dir = entry(share, id)?;
-    fs::create_dir(&dir).map_err(io_err("cannot create", &dir))?;
-    let attached = attach_in(share, &dir, rootfs, volumes);
-    if attached.is_err() {
-        let _ = detach(share, id);
-    }
-    attached?;
-    tracing::debug!(id, rootfs = %rootfs.display(), volumes = volumes.len(), "container in the share");
-    Ok(())
-}
-
-fn attach_in(
-    share: &Path,
-    dir: &Path,
-    rootfs: &Path,
-    volumes: &[Volume],
-) -> Result<(), ShareError> {
-    let root = dir.join(ROOTFS);
-    fs::create_dir(&root).map_err(io_err("cannot create", &root))?;
-    let read_only = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
-    bind_into(
-        share,
+    // Detached copies of the host paths, taken here, in the host's namespace, where they are.
+    let root = detached_copy(
         rootfs,
-        &root,
         false,
         MountPropagationFlags::PRIVATE,
-        read_only,
+        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
         false,
     )?;
-    if volumes.is_empty() {
-        return Ok(());
-    }
-    let volumes_dir = dir.join(VOLUMES);
-    fs::create_dir(&volumes_dir).map_err(io_err("cannot create", &volumes_dir))?;
-    for (index, volume) in volumes.iter().enumerate() {
-        let target = volumes_dir.join(index.to_string());
-        // A file is mounted on a file, a directory on a directory.
-        let is_dir = fs::metadata(&volume.host_path)
-            .map_err(io_err("cannot stat volume", &volume.host_path))?
-            .is_dir();
-        make_mount_point(&target, is_dir)?;
+    let mut copies = Vec::with_capacity(volumes.len());
+    for volume in volumes {
+        check_volume(&volume.host_path)?;
         if volume.recursive_read_only
             && (!volume.read_only || volume.propagation != Propagation::Private)
         {
@@ -211,24 +292,55 @@ fn attach_in(
                 "a recursive read-only volume must be read-only and private",
             ));
         }
+        // A file is mounted on a file, a directory on a directory.
+        let is_dir = fs::metadata(&volume.host_path)
+            .map_err(io_err("cannot stat volume", &volume.host_path))?
+            .is_dir();
         let mut flags = MountFlags::NODEV | MountFlags::NOSUID;
         if volume.read_only {
             flags |= MountFlags::RDONLY;
         }
-        // Recursive, as containerd binds volumes: mounts below the host path come along.
         let propagation = match volume.propagation {
             Propagation::Private => MountPropagationFlags::PRIVATE,
             Propagation::HostToContainer => MountPropagationFlags::DOWNSTREAM,
         };
-        bind_into(
-            share,
+        // Recursive, as containerd binds volumes: mounts below the host path come along.
+        let copy = detached_copy(
             &volume.host_path,
-            &target,
             true,
             propagation,
             flags,
             volume.recursive_read_only,
         )?;
+        copies.push((copy, is_dir));
+    }
+    in_namespace(share, || {
+        fs::create_dir(&dir).map_err(io_err("cannot create", &dir))?;
+        let attached = attach_in(&dir, &root, &copies);
+        if attached.is_err() {
+            let _ = unmount_below(&dir).and_then(|()| remove_entries(&dir));
+        }
+        attached
+    })?;
+    tracing::debug!(id, rootfs = %rootfs.display(), volumes = volumes.len(), "container in the share");
+    Ok(())
+}
+
+/// Attaches a container's root and volumes (each a detached copy, and whether it is a
+/// directory) in its directory `dir` of the source.
+fn attach_in(dir: &Path, root: &OwnedFd, volumes: &[(OwnedFd, bool)]) -> Result<(), ShareError> {
+    let root_path = dir.join(ROOTFS);
+    fs::create_dir(&root_path).map_err(io_err("cannot create", &root_path))?;
+    attach_copy(root, &root_path)?;
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    let volumes_dir = dir.join(VOLUMES);
+    fs::create_dir(&volumes_dir).map_err(io_err("cannot create", &volumes_dir))?;
+    for (index, (copy, is_dir)) in volumes.iter().enumerate() {
+        let target = volumes_dir.join(index.to_string());
+        make_mount_point(&target, *is_dir)?;
+        attach_copy(copy, &target)?;
     }
     Ok(())
 }
@@ -243,69 +355,76 @@ fn make_mount_point(path: &Path, is_dir: bool) -> Result<(), ShareError> {
     }
 }
 
-/// Binds `from` (with the mounts below it if `recursive`) at `target`, an existing mount point
-/// in the source, with `flags` (on every mount below too if `all_read_only`) and `propagation`
-/// from `from`'s mounts (private: none; a bind of a shared mount would otherwise be its peer),
-/// by way of the stage, so the peers' copies get the flags too.
-fn bind_into(
-    share: &Path,
+/// A detached copy of the mount at `from` (with the mounts below it if `recursive`), with
+/// `propagation` from `from`'s mounts on every mount of it (private: none; a copy of a shared
+/// mount would otherwise be its peer), `flags` on its top mount, and read-only on every mount
+/// if `all_read_only`.
+fn detached_copy(
     from: &Path,
-    target: &Path,
     recursive: bool,
     propagation: MountPropagationFlags,
     flags: MountFlags,
     all_read_only: bool,
-) -> Result<(), ShareError> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let staged_path = share.with_file_name(STAGE_DIR).join(name);
-    make_mount_point(&staged_path, target.is_dir())?;
-    let bound = if recursive {
-        mount_bind_recursive(from, &staged_path)
-    } else {
-        mount_bind(from, &staged_path)
-    };
-    let bound =
-        bound.and_then(|()| mount_change(&staged_path, propagation | MountPropagationFlags::REC));
-    let moved = bound
-        .and_then(|()| mount_remount(&staged_path, MountFlags::BIND | flags, ""))
-        .map_err(io::Error::from)
+) -> Result<OwnedFd, ShareError> {
+    let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        how |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let copy = open_tree(rustix::fs::CWD, from, how)
+        .map_err(|e| io_err("cannot copy the mounts at", from)(e.into()))?;
+    let mut attr = 0;
+    for (flag, attr_flag) in [
+        (MountFlags::RDONLY, libc::MOUNT_ATTR_RDONLY),
+        (MountFlags::NODEV, libc::MOUNT_ATTR_NODEV),
+        (MountFlags::NOSUID, libc::MOUNT_ATTR_NOSUID),
+    ] {
+        if flags.contains(flag) {
+            attr |= attr_flag;
+        }
+    }
+    set_attr(&copy, 0, u64::from(propagation.bits()), true)
+        .and_then(|()| set_attr(&copy, attr, 0, false))
         .and_then(|()| match all_read_only {
-            true => make_all_read_only(&staged_path),
+            true => set_attr(&copy, libc::MOUNT_ATTR_RDONLY, 0, true),
             false => Ok(()),
         })
-        .and_then(|()| mount_move(&staged_path, target).map_err(io::Error::from));
-    if moved.is_err() {
-        let _ = unmount(&staged_path, UnmountFlags::DETACH);
-    }
-    // Empty again: the mount moved away (or was undone).
-    let _ = fs::remove_dir(&staged_path).or_else(|_| fs::remove_file(&staged_path));
-    moved.map_err(io_err("cannot bind-mount", target))
+        .map_err(io_err("cannot set the flags of the copy of", from))?;
+    Ok(copy)
 }
 
-/// Makes the mount at `path` and every mount below it read-only (mount_setattr(2) with
-/// AT_RECURSIVE; Linux 5.12 and later).
-fn make_all_read_only(path: &Path) -> io::Result<()> {
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+/// Attaches the detached copy `copy` at `target`, an existing mount point in the source.
+fn attach_copy(copy: &OwnedFd, target: &Path) -> Result<(), ShareError> {
+    move_mount(
+        copy.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| io_err("cannot bind-mount", target)(e.into()))
+}
+
+/// Sets `attr` and `propagation` (0: unchanged) on the detached copy `copy`, on its top mount
+/// or on every mount of it (mount_setattr(2); Linux 5.12 and later).
+fn set_attr(copy: &OwnedFd, attr: u64, propagation: u64, recursive: bool) -> io::Result<()> {
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_set: attr,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: 0,
     };
-    // SAFETY: `path` is NUL-terminated and `attr` is a mount_attr of the size passed; the
-    // kernel only reads both during the call.
+    let mut how = libc::AT_EMPTY_PATH;
+    if recursive {
+        how |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: the path is an empty NUL-terminated string, `copy` an open mount descriptor and
+    // `attr` a mount_attr of the size passed; the kernel only reads them during the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::AT_RECURSIVE,
+            copy.as_raw_fd(),
+            c"".as_ptr(),
+            how,
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
@@ -340,25 +459,33 @@ fn check_volume(path: &Path) -> Result<(), ShareError> {
 /// fine.
 pub fn detach(share: &Path, id: &str) -> Result<(), ShareError> {
     let dir = entry(share, id)?;
-    if !dir.exists() {
-        return Ok(());
-    }
-    unmount_below(&dir)?;
-    remove_entries(&dir)
+    in_namespace(share, || {
+        if !dir.exists() {
+            return Ok(());
+        }
+        unmount_below(&dir)?;
+        remove_entries(&dir)
+    })
 }
 
 /// Unmounts every container's root and volumes and the share itself, then removes its
-/// directories. Safe to repeat; a share that is not there is fine.
+/// directories and the nsfs bind of its namespace. Safe to repeat; a share that is not there
+/// is fine.
 pub fn remove(share: &Path) -> Result<(), ShareError> {
     let source = source_of(share);
-    let stage = share.with_file_name(STAGE_DIR);
-    for dir in [share, &source, &stage] {
-        unmount_below(dir)?;
-    }
-    for dir in [share, &source, &stage] {
-        remove_entries(dir)?;
-    }
-    Ok(())
+    in_namespace(share, || {
+        for dir in [share, &source] {
+            unmount_below(dir)?;
+        }
+        for dir in [share, &source] {
+            remove_entries(dir)?;
+        }
+        Ok(())
+    })?;
+    // The namespace itself lasts as long as a process in it (the VMM, its virtiofsd).
+    let ns_dir = share.with_file_name(NAMESPACE_DIR);
+    unmount_below(&ns_dir)?;
+    remove_entries(&ns_dir)
 }
 
 /// Unmounts everything at or below `dir`, deepest first; fails if anything stays mounted.
@@ -401,9 +528,9 @@ fn remove_entries(dir: &Path) -> Result<(), ShareError> {
     fs::remove_dir(dir).map_err(io_err("cannot remove", dir))
 }
 
-/// Mount points at or (with `inclusive`) below `dir`, from `/proc/self/mountinfo`.
+/// Mount points at or (with `inclusive`) below `dir` in the calling thread's mount namespace.
 pub fn mounts_below(dir: &Path, inclusive: bool) -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
     info.lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(unescape)
@@ -434,6 +561,20 @@ fn unescape(field: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host directory with a tmpfs mounted at `tmpfs` in it.
+    fn host_dir_with_a_tmpfs() -> (tempfile::TempDir, PathBuf) {
+        let host = tempfile::tempdir_in("/run").unwrap();
+        let tmpfs = host.path().join("tmpfs");
+        fs::create_dir(&tmpfs).unwrap();
+        rustix::mount::mount("tmpfs", &tmpfs, "tmpfs", MountFlags::empty(), None).unwrap();
+        (host, tmpfs)
+    }
+
+    /// Runs `f` where the share's mounts are.
+    fn inside<T: Send>(share: &Path, f: impl FnOnce() -> T + Send) -> T {
+        in_namespace(share, || Ok(f())).unwrap()
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {
@@ -468,22 +609,31 @@ mod tests {
             },
         ];
         attach(&share, "c1", image.path(), &volumes).unwrap();
-        // Mounts made in the source show in the exported share.
+        // The host's namespace has none of the share's mounts.
+        let ns_file = namespace_file(&share);
         assert_eq!(
-            fs::read(share.join(rootfs_path("c1")).join("file")).unwrap(),
-            b"image"
+            mounts_below(sandbox.path(), true),
+            [ns_file.parent().unwrap(), &ns_file]
         );
-        assert_eq!(
-            fs::read(share.join(volume_path("c1", 1))).unwrap(),
-            b"setting"
-        );
-        // What the export allows writing: a writable volume, nothing else.
-        fs::write(share.join(volume_path("c1", 0)).join("new"), b"x").unwrap();
+        assert!(!share.join(rootfs_path("c1")).join("file").exists());
+        inside(&share, || {
+            // Mounts made in the source show in the exported share.
+            assert_eq!(
+                fs::read(share.join(rootfs_path("c1")).join("file")).unwrap(),
+                b"image"
+            );
+            assert_eq!(
+                fs::read(share.join(volume_path("c1", 1))).unwrap(),
+                b"setting"
+            );
+            // What the export allows writing: a writable volume, nothing else.
+            fs::write(share.join(volume_path("c1", 0)).join("new"), b"x").unwrap();
+            assert!(fs::write(share.join(volume_path("c1", 1)), b"x").is_err());
+            assert!(fs::write(share.join(rootfs_path("c1")).join("new"), b"x").is_err());
+            assert!(fs::write(share.join("top"), b"x").is_err());
+            assert!(fs::create_dir(share.join("c1/more")).is_err());
+        });
         assert_eq!(fs::read(data.path().join("new")).unwrap(), b"x");
-        assert!(fs::write(share.join(volume_path("c1", 1)), b"x").is_err());
-        assert!(fs::write(share.join(rootfs_path("c1")).join("new"), b"x").is_err());
-        assert!(fs::write(share.join("top"), b"x").is_err());
-        assert!(fs::create_dir(share.join("c1/more")).is_err());
         // Bad ids and volumes are refused, leaving nothing.
         assert!(attach(&share, "../x", image.path(), &[]).is_err());
         let relative = [Volume {
@@ -509,6 +659,7 @@ mod tests {
         attach(&share, "c2", image.path(), &volumes).unwrap();
         remove(&share).unwrap();
         assert!(!share.exists() && !source_of(&share).exists());
+        assert!(!namespace_file(&share).exists());
         assert!(mounts_below(sandbox.path(), true).is_empty());
         // The image and the volumes' contents are untouched.
         assert!(image.path().join("file").exists());
@@ -551,7 +702,10 @@ mod tests {
         let tmpfs = host.path().join("later");
         rustix::mount::mount("tmpfs", &tmpfs, "tmpfs", MountFlags::empty(), None).unwrap();
         fs::write(tmpfs.join("mark"), b"m").unwrap();
-        let seen = |id: &str| share.join(volume_path(id, 0)).join("later/mark").exists();
+        let seen = |id: &str| {
+            let mark = share.join(volume_path(id, 0)).join("later/mark");
+            inside(&share, || mark.exists())
+        };
         assert!(
             seen("slave"),
             "a host mount did not reach the host-to-container volume"
@@ -567,10 +721,7 @@ mod tests {
     fn read_only_volumes_leave_mounts_below_writable_unless_recursive() {
         let sandbox = tempfile::tempdir_in("/run").unwrap();
         let image = tempfile::tempdir().unwrap();
-        let host = tempfile::tempdir_in("/run").unwrap();
-        let tmpfs = host.path().join("tmpfs");
-        fs::create_dir(&tmpfs).unwrap();
-        rustix::mount::mount("tmpfs", &tmpfs, "tmpfs", MountFlags::empty(), None).unwrap();
+        let (host, tmpfs) = host_dir_with_a_tmpfs();
         let share = create(sandbox.path()).unwrap();
         let volume = |recursive_read_only, propagation| Volume {
             host_path: host.path().to_owned(),
@@ -593,8 +744,10 @@ mod tests {
             &[volume(true, Propagation::Private)],
         )
         .unwrap();
-        let write =
-            |id: &str, path: &str| fs::write(share.join(volume_path(id, 0)).join(path), b"x");
+        let write = |id: &str, path: &str| {
+            let file = share.join(volume_path(id, 0)).join(path);
+            inside(&share, || fs::write(&file, b"x"))
+        };
         assert!(write("plain", "top").is_err());
         write("plain", "tmpfs/below").unwrap();
         let refused = write("recursive", "tmpfs/below2").unwrap_err();
@@ -614,6 +767,29 @@ mod tests {
         }
         remove(&share).unwrap();
         unmount(&tmpfs, UnmountFlags::DETACH).unwrap();
+        assert!(mounts_below(sandbox.path(), true).is_empty());
+    }
+
+    #[test]
+    fn the_host_can_remove_a_directory_a_volume_holds() {
+        let sandbox = tempfile::tempdir_in("/run").unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let (host, tmpfs) = host_dir_with_a_tmpfs();
+        let share = create(sandbox.path()).unwrap();
+        let volume = Volume {
+            host_path: host.path().to_owned(),
+            container_path: "/v".into(),
+            read_only: true,
+            recursive_read_only: true,
+            propagation: Propagation::Private,
+        };
+        attach(&share, "c", image.path(), &[volume]).unwrap();
+        // What critest's read-only mount specs do while the container runs: unmount the host's
+        // mount below the volume, then remove its directory (EBUSY had the share's copy of
+        // that mount been in the host's namespace).
+        unmount(&tmpfs, UnmountFlags::DETACH).unwrap();
+        fs::remove_dir(&tmpfs).unwrap();
+        remove(&share).unwrap();
         assert!(mounts_below(sandbox.path(), true).is_empty());
     }
 }
