@@ -25,8 +25,8 @@ use crate::arch::x86_64::{
 use crate::devices::legacy::{ConsoleTail, SerialConsole, SerialState, I8042};
 use crate::devices::pseudo::GuestStatus;
 use crate::snapshot::{
-    self, short_hex, CpuIdentity, MachineState, MemoryBacking, SavedDevice, SavedDeviceConfig,
-    SnapshotError, MEMORY_FILE, STATE_FILE,
+    self, short_hex, CpuIdentity, MachineState, MemoryBacking, MicrovmState, SavedDevice,
+    SavedDeviceConfig, SnapshotError, MEMORY_FILE, STATE_FILE,
 };
 use crate::vmm::{AttachedDevices, AttachedVirtio, BootClock, ExitLatch, Vmm};
 use crate::vstate::memory;
@@ -266,33 +266,30 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     config.validate()?;
     let step = |name: &str| tracing::debug!("{name} at {:?}", launch.elapsed());
     install_kick_handler()?;
-    let devices = config
-        .devices
-        .iter()
-        .map(|c| Ok((c.clone(), c.build()?)))
-        .collect::<Result<Vec<_>, Error>>()?;
     let cmdline = config.kernel_cmdline();
     let guest_memory = memory::create(u64::from(config.mem_mib) << 20)?;
 
-    // The guest image loads on a second thread while KVM is set up: reading the kernel is the
-    // largest single cost of a launch.
-    let (kvm_side, image) = std::thread::scope(|scope| {
+    // The guest image loads, and KVM is set up, on threads of their own while this one builds
+    // the devices (a virtio-fs device waits for the virtiofsd it starts): reading the kernel and
+    // starting virtiofsd are the largest single costs of a launch. The devices are built here
+    // because virtiofsd dies with the thread that started it (PR_SET_PDEATHSIG).
+    let (kvm_side, image, devices) = std::thread::scope(|scope| {
         let loader = std::thread::Builder::new()
             .name("crx-loader".into())
             .stack_size(THREAD_STACK)
             .spawn_scoped(scope, || load_guest_image(&guest_memory, config, &cmdline));
-        let kvm_side = create_vm(&guest_memory);
+        let kvm_side = std::thread::Builder::new()
+            .name("crx-kvm-setup".into())
+            .stack_size(THREAD_STACK)
+            .spawn_scoped(scope, || create_vm(&guest_memory));
+        let devices = build_devices(&config.devices);
+        let kvm_side = join_helper(kvm_side);
         step("VM created");
-        let image = match loader {
-            Ok(loader) => loader
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            Err(e) => Err(Error::LoaderThread(e)),
-        };
-        (kvm_side, image)
+        (kvm_side, join_helper(loader), devices)
     });
     let (vm, boot_vcpu) = kvm_side?;
     let (kernel, cmdline_size, initrd) = image?;
+    let devices = devices?;
     step("guest image loaded");
     boot::write_boot_params(&guest_memory, &kernel, cmdline_size, initrd)?;
     mptable::write(&guest_memory, config.vcpus).map_err(|e| Error::Boot {
@@ -396,44 +393,19 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
         }
     }
 
-    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
-    let vm = Vm::new(&kvm)?;
-    let mut template_cpuid = vm.supported_cpuid().clone();
-    cpuid::apply_template(&mut template_cpuid, cpu.template);
-    let here = cpuid::fingerprint(&template_cpuid, machine.vcpus);
-    if here != cpu.fingerprint {
-        return Err(SnapshotError::CpuMismatch {
-            template: cpu.template,
-            saved: short_hex(&cpu.fingerprint),
-            here: short_hex(&here),
-        }
-        .into());
-    }
-    vm.create_irqchip_and_pit()?;
-    let vcpus = (0..machine.vcpus)
-        .map(|index| Vcpu::new(&vm, index))
-        .collect::<Result<Vec<_>, _>>()?;
-    if crx_kvm_probe::vcpu_is_pvm(vcpus[0].fd()) {
-        return Err(Error::PvmHost);
-    }
-    let snapshot::RestoredMemory {
-        memory: guest_memory,
-        loader: page_loader,
-    } = snapshot::memory::restore(
-        &config.memory,
-        u64::from(machine.mem_mib) << 20,
-        config.memory_backing,
-    )?;
-    vm.register_memory(&guest_memory)?;
-    vm.restore_state(&state.vm)?;
-
-    let devices = device_configs
-        .into_iter()
-        .map(|c| {
-            let device = c.build()?;
-            Ok((c, device))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    // KVM and the memory are restored on a thread of their own while this one builds the
+    // devices (a virtio-fs device waits for the virtiofsd it starts, which dies with the thread
+    // that started it).
+    let (restored, devices) = std::thread::scope(|scope| {
+        let restored = std::thread::Builder::new()
+            .name("crx-kvm-setup".into())
+            .stack_size(THREAD_STACK)
+            .spawn_scoped(scope, || restore_machine(config, &cpu, &state));
+        let devices = build_devices(&device_configs);
+        (join_helper(restored), devices)
+    });
+    let (vm, vcpus, guest_memory, page_loader) = restored?;
+    let devices = devices?;
     let exit = Arc::new(ExitLatch::default());
     let clock = Arc::new(BootClock::new(launch));
     let console_tail = ConsoleTail::default();
@@ -483,6 +455,78 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
     parts.run(vcpus, devices, buses)
 }
 
+/// A VM's devices, each with the configuration it was built from.
+type BuiltDevices = Vec<(DeviceConfig, Arc<Mutex<dyn VirtioDevice>>)>;
+
+/// Builds `configs`' devices, in order.
+fn build_devices(configs: &[DeviceConfig]) -> Result<BuiltDevices, Error> {
+    configs
+        .iter()
+        .map(|c| Ok((c.clone(), c.build()?)))
+        .collect()
+}
+
+/// What a launch helper thread returned (its panic goes on here); an error if it never started.
+fn join_helper<T>(
+    helper: std::io::Result<std::thread::ScopedJoinHandle<'_, Result<T, Error>>>,
+) -> Result<T, Error> {
+    match helper {
+        Ok(helper) => helper
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        Err(e) => Err(Error::HelperThread(e)),
+    }
+}
+
+/// The KVM side of a restore: the VM (checked to run on the CPU the snapshot was taken
+/// with), its irqchip and vCPUs, and the guest memory, registered, with the VM-wide state.
+fn restore_machine(
+    config: &RestoreConfig,
+    cpu: &CpuIdentity,
+    state: &MicrovmState,
+) -> Result<
+    (
+        Vm,
+        Vec<Vcpu>,
+        vm_memory::GuestMemoryMmap,
+        Option<snapshot::lazy::PageLoader>,
+    ),
+    Error,
+> {
+    let machine = &state.machine;
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let vm = Vm::new(&kvm)?;
+    let mut template_cpuid = vm.supported_cpuid().clone();
+    cpuid::apply_template(&mut template_cpuid, cpu.template);
+    let here = cpuid::fingerprint(&template_cpuid, machine.vcpus);
+    if here != cpu.fingerprint {
+        return Err(SnapshotError::CpuMismatch {
+            template: cpu.template,
+            saved: short_hex(&cpu.fingerprint),
+            here: short_hex(&here),
+        }
+        .into());
+    }
+    vm.create_irqchip_and_pit()?;
+    let vcpus = (0..machine.vcpus)
+        .map(|index| Vcpu::new(&vm, index))
+        .collect::<Result<Vec<_>, _>>()?;
+    if crx_kvm_probe::vcpu_is_pvm(vcpus[0].fd()) {
+        return Err(Error::PvmHost);
+    }
+    let snapshot::RestoredMemory {
+        memory: guest_memory,
+        loader: page_loader,
+    } = snapshot::memory::restore(
+        &config.memory,
+        u64::from(machine.mem_mib) << 20,
+        config.memory_backing,
+    )?;
+    vm.register_memory(&guest_memory)?;
+    vm.restore_state(&state.vm)?;
+    Ok((vm, vcpus, guest_memory, page_loader))
+}
+
 /// A built VM about to run.
 struct VmParts {
     exit: Arc<ExitLatch>,
@@ -499,12 +543,7 @@ struct VmParts {
 
 impl VmParts {
     /// Starts the device event loop and one thread per vCPU.
-    fn run(
-        self,
-        vcpus: Vec<Vcpu>,
-        devices: Vec<(DeviceConfig, Arc<Mutex<dyn VirtioDevice>>)>,
-        buses: Buses,
-    ) -> Result<Vmm, Error> {
+    fn run(self, vcpus: Vec<Vcpu>, devices: BuiltDevices, buses: Buses) -> Result<Vmm, Error> {
         let device_loop = if devices.is_empty() {
             None
         } else {

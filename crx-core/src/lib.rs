@@ -93,8 +93,8 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
     VcpuThread(#[source] std::io::Error),
-    #[error("cannot start the guest image loader thread: {0}")]
-    LoaderThread(#[source] std::io::Error),
+    #[error("cannot start a launch helper thread (image loader, KVM setup): {0}")]
+    HelperThread(#[source] std::io::Error),
     #[error("virtio device: {0}")]
     Device(#[from] crx_virtio::DeviceError),
     #[error(transparent)]

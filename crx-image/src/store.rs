@@ -15,7 +15,7 @@ use crate::blobs::Blobs;
 use crate::index::JsonDir;
 use crate::layers::{remove_tree, Layers};
 use crate::lock::FileLock;
-use crate::registry::{parse_reference, Remote};
+use crate::registry::{canonical_name, parse_reference, Remote};
 use crate::{
     usage, Digest, Error, FsUsage, ImageRecord, LayerRecord, Lease, Progress, RegistryConfig,
 };
@@ -298,8 +298,8 @@ impl Store {
         if let Some(r) = self.images.get(&key(name_or_digest))? {
             return Ok(r);
         }
-        if let Ok(canonical) = parse_reference(name_or_digest) {
-            if let Some(r) = self.images.get(&key(&canonical.whole()))? {
+        if let Ok(canonical) = canonical_name(name_or_digest) {
+            if let Some(r) = self.images.get(&key(&canonical))? {
                 return Ok(r);
             }
         }

@@ -358,7 +358,8 @@ impl AgentClient {
         }
     }
 
-    /// Powers the VM off (exit status 0) once the agent has replied.
+    /// Flushes the guest's filesystems, then powers the VM off (exit status 0): once this
+    /// returns, the VMM may be ended without losing anything the guest wrote.
     pub fn shutdown(&mut self) -> Result<(), AgentError> {
         self.call_empty(Kind::Shutdown(Empty {}))
     }

@@ -635,7 +635,9 @@ impl Sandbox {
         }
     }
 
-    /// Stops the VM: asks the agent to power off, waits up to `grace`, then kills the VMM.
+    /// Stops the VM: has the agent flush the guest's filesystems, then ends the VMM with
+    /// SIGTERM (it tears its devices and virtiofsd down and exits) rather than waiting for the
+    /// guest kernel to power off; kills it when it has not exited after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if !self.is_running() {
             return;
@@ -644,22 +646,32 @@ impl Sandbox {
         if let Ok(mut agent) = AgentClient::connect(&self.vsock_path(), deadline) {
             let _ = agent.shutdown();
         }
+        self.signal(libc::SIGTERM);
         if !self.wait_exit(grace) {
-            tracing::warn!(id = %self.state.id, "the VM did not power off in {grace:?}; killing its VMM");
+            tracing::warn!(id = %self.state.id, "the VMM did not stop in {grace:?}; killing it");
             self.kill();
         }
     }
 
     /// Kills the VMM at once (its virtiofsd children die with it).
     pub fn kill(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        } else if self.is_running() {
-            // SAFETY: kill(2) on the recorded VMM pid, checked just above to still be that
-            // process by its start time.
-            unsafe { libc::kill(self.state.vmm_pid as libc::pid_t, libc::SIGKILL) };
-            self.wait_exit(Duration::from_secs(5));
+        self.signal(libc::SIGKILL);
+        match &mut self.child {
+            Some(child) => {
+                let _ = child.wait();
+            }
+            None => {
+                self.wait_exit(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Sends `signal` to the VMM, if it still runs.
+    fn signal(&mut self, signal: libc::c_int) {
+        if self.is_running() {
+            // SAFETY: kill(2) on the VMM's pid: this process's unreaped child, or the recorded
+            // pid checked just above to still be the VMM by its start time.
+            unsafe { libc::kill(self.state.vmm_pid as libc::pid_t, signal) };
         }
     }
 

@@ -278,7 +278,7 @@ pub fn attach(share: &Path, id: &str, rootfs: &Path, volumes: &[Volume]) -> Resu
         rootfs,
         false,
         MountPropagationFlags::PRIVATE,
-        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOSUID,
         false,
     )?;
     let mut copies = Vec::with_capacity(volumes.len());
@@ -296,9 +296,9 @@ pub fn attach(share: &Path, id: &str, rootfs: &Path, volumes: &[Volume]) -> Resu
         let is_dir = fs::metadata(&volume.host_path)
             .map_err(io_err("cannot stat volume", &volume.host_path))?
             .is_dir();
-        let mut flags = MountFlags::NODEV | MountFlags::NOSUID;
+        let mut attr = libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOSUID;
         if volume.read_only {
-            flags |= MountFlags::RDONLY;
+            attr |= libc::MOUNT_ATTR_RDONLY;
         }
         let propagation = match volume.propagation {
             Propagation::Private => MountPropagationFlags::PRIVATE,
@@ -309,7 +309,7 @@ pub fn attach(share: &Path, id: &str, rootfs: &Path, volumes: &[Volume]) -> Resu
             &volume.host_path,
             true,
             propagation,
-            flags,
+            attr,
             volume.recursive_read_only,
         )?;
         copies.push((copy, is_dir));
@@ -357,13 +357,13 @@ fn make_mount_point(path: &Path, is_dir: bool) -> Result<(), ShareError> {
 
 /// A detached copy of the mount at `from` (with the mounts below it if `recursive`), with
 /// `propagation` from `from`'s mounts on every mount of it (private: none; a copy of a shared
-/// mount would otherwise be its peer), `flags` on its top mount, and read-only on every mount
-/// if `all_read_only`.
+/// mount would otherwise be its peer), the `MOUNT_ATTR_*` bits `attr` on its top mount, and
+/// read-only on every mount if `all_read_only`.
 fn detached_copy(
     from: &Path,
     recursive: bool,
     propagation: MountPropagationFlags,
-    flags: MountFlags,
+    attr: u64,
     all_read_only: bool,
 ) -> Result<OwnedFd, ShareError> {
     let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
@@ -372,16 +372,6 @@ fn detached_copy(
     }
     let copy = open_tree(rustix::fs::CWD, from, how)
         .map_err(|e| io_err("cannot copy the mounts at", from)(e.into()))?;
-    let mut attr = 0;
-    for (flag, attr_flag) in [
-        (MountFlags::RDONLY, libc::MOUNT_ATTR_RDONLY),
-        (MountFlags::NODEV, libc::MOUNT_ATTR_NODEV),
-        (MountFlags::NOSUID, libc::MOUNT_ATTR_NOSUID),
-    ] {
-        if flags.contains(flag) {
-            attr |= attr_flag;
-        }
-    }
     set_attr(&copy, 0, u64::from(propagation.bits()), true)
         .and_then(|()| set_attr(&copy, attr, 0, false))
         .and_then(|()| match all_read_only {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use crx_core::{ConsoleOutput, CpuTemplate, MemoryBacking, RestoreConfig, VmConfig, VmExit, Vmm};
 use crx_virtio::{BlockConfig, DeviceConfig, FsConfig, NetConfig, TapSource, VsockConfig};
-use signal_hook::consts::SIGUSR1;
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 #[derive(clap::Parser)]
@@ -79,7 +79,8 @@ struct BootArgs {
     #[arg(long, value_name = "KIND", value_parser = parse_memory_backing, requires = "restore")]
     restore_memory: Option<MemoryBacking>,
     /// On SIGUSR1, pause the VM, write a snapshot of it to DIR, end it and exit 0 (how a pod
-    /// template is made once its guest is ready)
+    /// template is made once its guest is ready). SIGTERM or SIGINT always end the VM at once
+    /// and exit 0 once its devices (and virtiofsd) are torn down
     #[arg(long, value_name = "DIR")]
     snapshot_on_sigusr1: Option<PathBuf>,
     /// Run without the seccomp filter the VMM otherwise puts on itself once its VM is built
@@ -128,13 +129,12 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         .chain(args.vsock.clone().map(DeviceConfig::Vsock))
         .collect();
     // Registered before the VM starts, so a signal sent as soon as the guest is ready counts.
-    let snapshot_request = match &args.snapshot_on_sigusr1 {
-        Some(dir) => Some((
-            dir.clone(),
-            Signals::new([SIGUSR1]).context("cannot watch for SIGUSR1")?,
-        )),
-        None => None,
+    let snapshot_dir = args.snapshot_on_sigusr1.clone();
+    let watched: &[i32] = match snapshot_dir {
+        Some(_) => &[SIGTERM, SIGINT, SIGUSR1],
+        None => &[SIGTERM, SIGINT],
     };
+    let signals = Signals::new(watched).context("cannot watch for signals")?;
     let vmm = match &args.restore {
         Some(dir) => {
             let mut config = RestoreConfig::new(dir);
@@ -158,15 +158,14 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
     if confine {
         seccomp::install().context("cannot confine the VMM")?;
     }
-    let outcome = match snapshot_request {
-        None => vmm.wait(),
-        Some((dir, signals)) => match wait_or_snapshot(vmm, &dir, signals)? {
-            Some(outcome) => outcome,
-            None => {
-                eprintln!("crx: snapshot written to {}", dir.display());
-                return Ok(0);
-            }
-        },
+    let (outcome, stopped_by_signal) = match wait_or_signal(vmm, snapshot_dir.as_deref(), signals)?
+    {
+        Ending::Outcome(outcome) => (outcome, false),
+        Ending::Stopped(outcome) => (outcome, true),
+        Ending::Snapshot(dir) => {
+            eprintln!("crx: snapshot written to {}", dir.display());
+            return Ok(0);
+        }
     };
     let ms = |d: Option<std::time::Duration>| {
         d.map_or("-".to_string(), |d| {
@@ -179,55 +178,72 @@ fn run(args: BootArgs, launch: Instant) -> anyhow::Result<i32> {
         ms(outcome.times.guest_init),
         ms(outcome.times.first_instruction)
     );
-    if !matches!(
-        outcome.exit,
-        VmExit::Exited(_) | VmExit::Reset | VmExit::PowerOff
-    ) {
+    if !stopped_by_signal
+        && !matches!(
+            outcome.exit,
+            VmExit::Exited(_) | VmExit::Reset | VmExit::PowerOff
+        )
+    {
         eprintln!("crx: last console output:\n{}", outcome.console_tail);
     }
-    Ok(outcome.exit.exit_code())
+    Ok(if stopped_by_signal {
+        0
+    } else {
+        outcome.exit.exit_code()
+    })
 }
 
-/// Waits for the VM to end (its outcome) or for SIGUSR1; on the signal, snapshots the VM into
-/// `dir` and ends it (`None`).
-fn wait_or_snapshot(
+/// How the wait for a VM ended.
+enum Ending {
+    /// The VM ended by itself (or a device or vCPU failure ended it).
+    Outcome(crx_core::VmOutcome),
+    /// SIGTERM or SIGINT stopped it: an orderly stop the host asked for.
+    Stopped(crx_core::VmOutcome),
+    /// SIGUSR1 snapshotted it into this directory, then ended it.
+    Snapshot(std::path::PathBuf),
+}
+
+/// Waits for the VM to end or for one of `signals`: SIGTERM or SIGINT stop the VM, SIGUSR1
+/// (watched only with a `snapshot_dir`) snapshots it into `snapshot_dir` and ends it.
+fn wait_or_signal(
     vmm: Vmm,
-    dir: &std::path::Path,
+    snapshot_dir: Option<&std::path::Path>,
     mut signals: Signals,
-) -> anyhow::Result<Option<crx_core::VmOutcome>> {
-    enum Event {
-        Ended,
-        Snapshot,
-    }
+) -> anyhow::Result<Ending> {
     let (tx, rx) = std::sync::mpsc::channel();
     let latch = vmm.exit_latch();
     let ended = tx.clone();
     std::thread::spawn(move || {
         latch.wait(None);
-        let _ = ended.send(Event::Ended);
+        let _ = ended.send(None);
     });
     let handle = signals.handle();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            let _ = tx.send(Event::Snapshot);
+        if let Some(signal) = signals.forever().next() {
+            let _ = tx.send(Some(signal));
         }
     });
-    let event = rx.recv().unwrap_or(Event::Ended);
+    let event = rx.recv().unwrap_or(None);
     handle.close();
-    match event {
-        Event::Ended => Ok(Some(vmm.wait())),
-        Event::Snapshot => {
+    match (event, snapshot_dir) {
+        (None, _) => Ok(Ending::Outcome(vmm.wait())),
+        (Some(SIGUSR1), Some(dir)) => {
             let taken = vmm.pause().and_then(|()| vmm.snapshot(dir));
             vmm.stop();
             let outcome = vmm.wait();
             match taken {
-                Ok(_) => Ok(None),
+                Ok(_) => Ok(Ending::Snapshot(dir.to_path_buf())),
                 Err(e) => Err(anyhow::Error::new(e).context(format!(
                     "cannot snapshot the VM into {} (it ended: {})",
                     dir.display(),
                     outcome.exit
                 ))),
             }
+        }
+        (Some(signal), _) => {
+            tracing::info!(signal, "stopping the VM on a signal");
+            vmm.stop();
+            Ok(Ending::Stopped(vmm.wait()))
         }
     }
 }

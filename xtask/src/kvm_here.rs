@@ -23,7 +23,7 @@ pub fn run(argv: Vec<OsString>) -> anyhow::Result<ExitStatus> {
          KVM test host (QEMU TCG emulating an AMD CPU with SVM, kvm_amd inside; expect seconds per boot)"
     );
     let host = TestHost::shared().context("starting the KVM test host")?;
-    let invocation = Invocation::new(argv).envs(std::env::vars_os());
+    let invocation = Invocation::new(argv).envs(crate::testhost::caller_env());
     Ok(host.run_streaming(&invocation)?)
 }
 
