@@ -274,14 +274,10 @@ pub fn start_vm_at(config: &VmConfig, launch: Instant) -> Result<Vmm, Error> {
     // starting virtiofsd are the largest single costs of a launch. The devices are built here
     // because virtiofsd dies with the thread that started it (PR_SET_PDEATHSIG).
     let (kvm_side, image, devices) = std::thread::scope(|scope| {
-        let loader = std::thread::Builder::new()
-            .name("crx-loader".into())
-            .stack_size(THREAD_STACK)
-            .spawn_scoped(scope, || load_guest_image(&guest_memory, config, &cmdline));
-        let kvm_side = std::thread::Builder::new()
-            .name("crx-kvm-setup".into())
-            .stack_size(THREAD_STACK)
-            .spawn_scoped(scope, || create_vm(&guest_memory));
+        let loader = spawn_helper(scope, "crx-loader", || {
+            load_guest_image(&guest_memory, config, &cmdline)
+        });
+        let kvm_side = spawn_helper(scope, "crx-kvm-setup", || create_vm(&guest_memory));
         let devices = build_devices(&config.devices);
         let kvm_side = join_helper(kvm_side);
         step("VM created");
@@ -397,10 +393,9 @@ pub fn restore_vm_at(config: &RestoreConfig, launch: Instant) -> Result<Vmm, Err
     // devices (a virtio-fs device waits for the virtiofsd it starts, which dies with the thread
     // that started it).
     let (restored, devices) = std::thread::scope(|scope| {
-        let restored = std::thread::Builder::new()
-            .name("crx-kvm-setup".into())
-            .stack_size(THREAD_STACK)
-            .spawn_scoped(scope, || restore_machine(config, &cpu, &state));
+        let restored = spawn_helper(scope, "crx-kvm-setup", || {
+            restore_machine(config, &cpu, &state)
+        });
         let devices = build_devices(&device_configs);
         (join_helper(restored), devices)
     });
@@ -464,6 +459,18 @@ fn build_devices(configs: &[DeviceConfig]) -> Result<BuiltDevices, Error> {
         .iter()
         .map(|c| Ok((c.clone(), c.build()?)))
         .collect()
+}
+
+/// A launch helper thread of `scope` running `work`, named `name`; see [`join_helper`].
+fn spawn_helper<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    work: impl FnOnce() -> Result<T, Error> + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, Result<T, Error>>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK)
+        .spawn_scoped(scope, work)
 }
 
 /// What a launch helper thread returned (its panic goes on here); an error if it never started.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use oci_client::config::{Architecture, Os};
 use oci_client::manifest::{OciImageIndex, OciManifest};
 
-use crate::registry::{parse_reference, select_platform};
+use crate::registry::{canonical_name, select_platform};
 use crate::{Digest, Error, ImageRecord, Store};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -68,7 +68,7 @@ impl Store {
                 .or_else(|| annotation(CONTAINERD_NAME))
                 .or_else(|| annotation(REF_NAME).filter(|n| n.contains([':', '/'])))
             {
-                Some(n) => parse_reference(&n)?.whole(),
+                Some(n) => canonical_name(&n)?,
                 None => {
                     return Err(Error::Malformed {
                         what: what(&format!("manifest {}", entry.digest)),
